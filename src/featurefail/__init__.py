@@ -1,6 +1,33 @@
-"""featurefail: flag the inputs a PyTorch classifier is likely to get wrong."""
+"""featurefail: flag the inputs a PyTorch classifier is likely to get wrong.
 
+Fit a class-agnostic Gaussian mixture on the classifier's penultimate features and flag inputs whose
+features get a low likelihood (Understanding classifier mistakes with generative models).
+"""
+
+from . import metrics, scorers
+from .detector import DetectorConfig, FailureDetector, detect, score
+from .features import Features, extract_features
 from .gmm import DiagonalGMM, NotFittedError
+from .hooks import FeatureHook
+from .stats import MannWhitneyResult, mann_whitney
+from .threshold import ThresholdResult, cross_validate_threshold
 
 __version__ = "0.1.0"
-__all__ = ["DiagonalGMM", "NotFittedError", "__version__"]
+__all__ = [
+    "DetectorConfig",
+    "DiagonalGMM",
+    "FailureDetector",
+    "FeatureHook",
+    "Features",
+    "MannWhitneyResult",
+    "NotFittedError",
+    "ThresholdResult",
+    "__version__",
+    "cross_validate_threshold",
+    "detect",
+    "extract_features",
+    "mann_whitney",
+    "metrics",
+    "score",
+    "scorers",
+]

@@ -401,7 +401,7 @@ class DiagonalGMM:
         *,
         max_iter: int = 100,
         tol: float = 1e-3,
-        reg_covar: float = 1e-3,
+        reg_covar: float = 1e-6,
         init: str = "kmeans++",
         n_init: int = 1,
         random_state: int | None = None,

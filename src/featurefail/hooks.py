@@ -1,0 +1,176 @@
+"""FeatureHook: capture a classifier's penultimate features (and its logits) without editing the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureHook", "default_output_fn", "find_layer"]
+
+Pool = Literal["avg", "flatten"] | None
+
+
+def default_output_fn(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, the first item of a tuple/list, or ``out["logits"]``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; pass output_fn=... "
+        "that maps the model's output to a (N, n_classes) tensor"
+    )
+
+
+def find_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module, bool]:
+    """Resolve the module to hook.
+
+    Returns:
+        ``(name, module, capture_input)``: with ``layer=None`` the last ``nn.Linear`` in ``model.modules()``
+        order and ``capture_input=True`` (its input is the penultimate feature); otherwise the named module
+        or the given module object and ``capture_input=False`` (its output is the feature).
+    """
+    named = dict(model.named_modules())
+    if layer is None:
+        linears = [(name, m) for name, m in named.items() if isinstance(m, nn.Linear)]
+        if not linears:
+            candidates = [f"{name} ({type(m).__name__})" for name, m in named.items() if name][-8:]
+            raise ValueError(
+                "the model has no nn.Linear, so the penultimate layer cannot be guessed; pass layer= a dotted "
+                f"module name or a module. Candidates (last modules): {', '.join(candidates) or 'none'}"
+            )
+        name, module = linears[-1]
+        return name, module, True
+    if isinstance(layer, str):
+        if layer not in named:
+            close = [n for n in named if n and (layer in n or n in layer)][:8]
+            hint = f"; did you mean one of: {', '.join(close)}" if close else ""
+            raise ValueError(f"the model has no module named {layer!r}{hint}")
+        return layer, named[layer], False
+    if isinstance(layer, nn.Module):
+        for name, m in named.items():
+            if m is layer:
+                return name, m, False
+        raise ValueError("the given layer module is not part of the model")
+    raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
+
+
+def pool_features(t: torch.Tensor, pool: Pool) -> torch.Tensor:
+    """Turn an activation into ``(N, D)`` features.
+
+    ``"avg"`` global-average-pools every axis after the channel axis (``(N, C, H, W) -> (N, C)``) and leaves
+    2-D activations as they are; ``"flatten"`` flattens all but the batch axis; ``None`` requires 2-D.
+    """
+    if pool == "avg":
+        return t.flatten(2).mean(2) if t.ndim > 2 else t.reshape(t.shape[0], -1)
+    if pool == "flatten":
+        return t.reshape(t.shape[0], -1)
+    if pool is None:
+        if t.ndim != 2:
+            raise ValueError(f"the hooked activation has shape {tuple(t.shape)}; use pool='avg' or 'flatten'")
+        return t
+    raise ValueError(f"pool must be 'avg', 'flatten' or None, got {pool!r}")
+
+
+class FeatureHook:
+    """Capture penultimate features and logits from any ``nn.Module`` classifier.
+
+    By default the hook sits on the **input** of the last ``nn.Linear`` (the features ``F`` of
+    ``softmax(W F + b)`` in the paper); ``layer=`` picks another module by dotted name or object, whose
+    **output** is captured. 4-D activations are global-average pooled.
+
+    Use it as a context manager: the model is put in eval mode inside and its mode and hooks are restored
+    on exit, also when an exception escapes::
+
+        with FeatureHook(model) as hook:
+            feats, logits = hook(x)          # (N, D), (N, C)
+
+    Args:
+        model: the classifier.
+        layer: ``None`` (input of the last ``nn.Linear``), a dotted module name, or a module of ``model``.
+        pool: ``"avg"`` (default), ``"flatten"`` or ``None``.
+        output_fn: maps the model's output to logits ``(N, C)``; default handles tensors, tuples and
+            ``{"logits": ...}``.
+        capture_input: capture the module's input rather than its output (default: True only for the
+            automatic last-``nn.Linear`` choice).
+
+    Attributes:
+        layer_name: the dotted name of the hooked module.
+        head: the hooked ``nn.Linear`` when the features are its input (used to re-classify purified
+            features), else ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | None = None,
+        pool: Pool = "avg",
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        capture_input: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if pool not in ("avg", "flatten", None):
+            raise ValueError(f"pool must be 'avg', 'flatten' or None, got {pool!r}")
+        self.model = model
+        self.pool = pool
+        self.output_fn = output_fn or default_output_fn
+        self.layer_name, self.module, auto_input = find_layer(model, layer)
+        self.capture_input = auto_input if capture_input is None else capture_input
+        self.head = self.module if (self.capture_input and isinstance(self.module, nn.Linear)) else None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._was_training: bool | None = None
+        self._captured: torch.Tensor | None = None
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        value = args[0] if self.capture_input else output
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"the hooked module {self.layer_name!r} gave a {type(value).__name__}, not a tensor; "
+                "hook another layer"
+            )
+        self._captured = pool_features(value, self.pool)
+
+    def __enter__(self) -> FeatureHook:
+        if self._handle is not None:
+            raise RuntimeError("this FeatureHook is already active")
+        self._was_training = self.model.training
+        self.model.eval()
+        self._handle = self.module.register_forward_hook(self._on_forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the hook and restore the model's training mode (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._was_training is not None:
+            self.model.train(self._was_training)
+            self._was_training = None
+        self._captured = None
+
+    def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model on a batch: returns features ``(N, D)`` and logits ``(N, C)``."""
+        if self._handle is None:
+            raise RuntimeError("use FeatureHook inside a `with` block (or call __enter__ first)")
+        self._captured = None
+        output = self.model(x)
+        logits = self.output_fn(output)
+        feats = self._captured
+        self._captured = None
+        if feats is None:
+            raise RuntimeError(
+                f"the hooked module {self.layer_name!r} did not run during the forward pass; "
+                "pick a layer the model actually calls"
+            )
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be (N, n_classes), got shape {tuple(logits.shape)}; pass output_fn=")
+        return feats, logits

@@ -1,0 +1,65 @@
+"""The paper's method: a class-agnostic diagonal Gaussian mixture on the penultimate features."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+
+from ..features import Features
+from ..gmm import DiagonalGMM
+from .base import check_features, register_scorer
+
+__all__ = ["GMMScorer"]
+
+
+@register_scorer("gmm")
+class GMMScorer:
+    """Log-likelihood of the features under a class-agnostic diagonal GMM fitted by EM (labels unused).
+
+    ``score(F) = log p(F) = log Σ_k π_k N(F; μ_k, diag σ²_k)``, or ``-BPD(F) = log p(F) / (D ln 2)`` with
+    ``score="bpd"``. Higher = more typical of the training features.
+
+    Paper: "Understanding classifier mistakes with generative models" (section 3.2, Eq. 5).
+
+    Args:
+        n_components: ``K`` (the paper uses 100 and 1000).
+        score: ``"loglik"`` or ``"bpd"`` (negated bits per dimension, so higher is still more normal).
+        **gmm_kwargs: passed to :class:`~featurefail.DiagonalGMM` (``max_iter``, ``tol``, ``reg_covar``,
+            ``init``, ``n_init``, ``random_state``, ``device``, ``chunk_size``).
+    """
+
+    name = "gmm"
+    requires_labels = False
+
+    def __init__(self, n_components: int = 100, score: Literal["loglik", "bpd"] = "loglik", **gmm_kwargs: Any):
+        if score not in ("loglik", "bpd"):
+            raise ValueError(f"score must be 'loglik' or 'bpd', got {score!r}")
+        self.n_components = n_components
+        self.score_kind = score
+        self.gmm_kwargs = gmm_kwargs
+        self.gmm = DiagonalGMM(n_components, **gmm_kwargs)
+
+    def fit(self, features: Features) -> GMMScorer:
+        check_features(features, who="GMMScorer")
+        self.gmm.fit(features.feats)
+        return self
+
+    def score(self, features: Features) -> torch.Tensor:
+        loglik = self.gmm.score_samples(features.feats)
+        if self.score_kind == "bpd":
+            return loglik / (self.gmm.n_features_in_ * math.log(2.0))
+        return loglik
+
+    def get_config(self) -> dict[str, Any]:
+        config = {"n_components": self.n_components, "score": self.score_kind}
+        config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
+        return config
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.gmm.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> GMMScorer:
+        self.gmm.load_state_dict(state)
+        return self
