@@ -67,33 +67,81 @@ def bench_size(n: int, d: int, k: int, device: str, sk: bool, iters: int, whole_
 
     # whole fit, default initialisations
     t, ours = timed(lambda: DiagonalGMM(k, random_state=0, max_iter=whole_iters).fit(xt), device)
-    rows.append(dict(size=f"N={n} D={d} K={k}", impl=f"featurefail ({device})", what="whole fit",
-                     seconds=t, iters=ours.n_iter_, loglik=mean_loglik(ours, x)))
+    rows.append(
+        dict(
+            size=f"N={n} D={d} K={k}",
+            impl=f"featurefail ({device})",
+            what="whole fit",
+            seconds=t,
+            iters=ours.n_iter_,
+            loglik=mean_loglik(ours, x),
+        )
+    )
     if sk:
-        t, ref = timed(lambda: GaussianMixture(k, covariance_type="diag", random_state=0,
-                                               max_iter=whole_iters).fit(x), "cpu")
-        rows.append(dict(size=f"N={n} D={d} K={k}", impl="scikit-learn", what="whole fit",
-                         seconds=t, iters=ref.n_iter_, loglik=float(ref.score(x))))
+        t, ref = timed(
+            lambda: GaussianMixture(k, covariance_type="diag", random_state=0, max_iter=whole_iters).fit(x), "cpu"
+        )
+        rows.append(
+            dict(
+                size=f"N={n} D={d} K={k}",
+                impl="scikit-learn",
+                what="whole fit",
+                seconds=t,
+                iters=ref.n_iter_,
+                loglik=float(ref.score(x)),
+            )
+        )
 
     # per-iteration time from one explicit start
     start = dict(weights_init=ours.weights_, means_init=ours.means_, variances_init=ours.covariances_)
     lo, hi = 2, 2 + iters
     t_lo, _ = timed(lambda: DiagonalGMM(k, max_iter=lo, tol=0, **start).fit(xt), device)
     t_hi, _ = timed(lambda: DiagonalGMM(k, max_iter=hi, tol=0, **start).fit(xt), device)
-    rows.append(dict(size=f"N={n} D={d} K={k}", impl=f"featurefail ({device})", what="per iteration",
-                     seconds=(t_hi - t_lo) / iters, iters=iters, loglik=math.nan))
+    rows.append(
+        dict(
+            size=f"N={n} D={d} K={k}",
+            impl=f"featurefail ({device})",
+            what="per iteration",
+            seconds=(t_hi - t_lo) / iters,
+            iters=iters,
+            loglik=math.nan,
+        )
+    )
     if device.startswith("cuda"):
         t_lo, _ = timed(lambda: DiagonalGMM(k, max_iter=lo, tol=0, dtype=torch.float64, **start).fit(xt), device)
         t_hi, _ = timed(lambda: DiagonalGMM(k, max_iter=hi, tol=0, dtype=torch.float64, **start).fit(xt), device)
-        rows.append(dict(size=f"N={n} D={d} K={k}", impl=f"featurefail float64 ({device})", what="per iteration",
-                         seconds=(t_hi - t_lo) / iters, iters=iters, loglik=math.nan))
+        rows.append(
+            dict(
+                size=f"N={n} D={d} K={k}",
+                impl=f"featurefail float64 ({device})",
+                what="per iteration",
+                seconds=(t_hi - t_lo) / iters,
+                iters=iters,
+                loglik=math.nan,
+            )
+        )
     if sk:
-        sk_start = dict(weights_init=start["weights_init"].cpu().numpy(), means_init=start["means_init"].cpu().numpy(),
-                        precisions_init=1.0 / start["variances_init"].cpu().numpy())
-        t_lo, _ = timed(lambda: GaussianMixture(k, covariance_type="diag", max_iter=lo, tol=0, **sk_start).fit(x), "cpu")
-        t_hi, _ = timed(lambda: GaussianMixture(k, covariance_type="diag", max_iter=hi, tol=0, **sk_start).fit(x), "cpu")
-        rows.append(dict(size=f"N={n} D={d} K={k}", impl="scikit-learn", what="per iteration",
-                         seconds=(t_hi - t_lo) / iters, iters=iters, loglik=math.nan))
+        sk_start = dict(
+            weights_init=start["weights_init"].cpu().numpy(),
+            means_init=start["means_init"].cpu().numpy(),
+            precisions_init=1.0 / start["variances_init"].cpu().numpy(),
+        )
+        t_lo, _ = timed(
+            lambda: GaussianMixture(k, covariance_type="diag", max_iter=lo, tol=0, **sk_start).fit(x), "cpu"
+        )
+        t_hi, _ = timed(
+            lambda: GaussianMixture(k, covariance_type="diag", max_iter=hi, tol=0, **sk_start).fit(x), "cpu"
+        )
+        rows.append(
+            dict(
+                size=f"N={n} D={d} K={k}",
+                impl="scikit-learn",
+                what="per iteration",
+                seconds=(t_hi - t_lo) / iters,
+                iters=iters,
+                loglik=math.nan,
+            )
+        )
     return rows
 
 
@@ -105,8 +153,10 @@ def precision_check(device: str) -> str:
     start = dict(weights_init=base.weights_, means_init=base.means_, variances_init=base.covariances_)
     f32 = DiagonalGMM(100, max_iter=50, tol=0, **start).fit(x)
     f64 = DiagonalGMM(100, max_iter=50, tol=0, dtype=torch.float64, **start).fit(x)
-    return (f"precision on {device}: float32 {f32.lower_bound_:.6f}, float64 {f64.lower_bound_:.6f}, "
-            f"|diff| = {abs(f32.lower_bound_ - f64.lower_bound_):.2e} nats/sample (target < 1e-3)")
+    return (
+        f"precision on {device}: float32 {f32.lower_bound_:.6f}, float64 {f64.lower_bound_:.6f}, "
+        f"|diff| = {abs(f32.lower_bound_ - f64.lower_bound_):.2e} nats/sample (target < 1e-3)"
+    )
 
 
 def main() -> None:
@@ -119,9 +169,14 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
-             f" ({torch.get_num_threads()} threads)"))
+    print(
+        f"torch {torch.__version__}, device {args.device}"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if args.device.startswith("cuda")
+            else f" ({torch.get_num_threads()} threads)"
+        )
+    )
     sizes = [(50_000, 342, 100, args.whole_iters), (50_000, 342, 1000, args.k1000_whole_iters)]
     if args.device.startswith("cuda"):
         sizes.append((1_000_000, 512, 1000, args.k1000_whole_iters))
@@ -138,8 +193,9 @@ def print_table(rows: list[dict]) -> None:
     print("\n| size | what | implementation | seconds | iterations | mean log-lik | speed-up vs scikit-learn |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = next((o for o in rows if o["impl"] == "scikit-learn" and o["size"] == r["size"]
-                    and o["what"] == r["what"]), None)
+        ref = next(
+            (o for o in rows if o["impl"] == "scikit-learn" and o["size"] == r["size"] and o["what"] == r["what"]), None
+        )
         ratio = f"{ref['seconds'] / r['seconds']:.2f}x" if ref is not None and r is not ref else ""
         ll = "" if math.isnan(r["loglik"]) else f"{r['loglik']:.3f}"
         secs = f"{r['seconds'] * 1000:.2f} ms" if r["seconds"] < 1 else f"{r['seconds']:.2f} s"

@@ -280,3 +280,23 @@ def test_distributed_fit_equals_single_process(tmp_path):
             np.testing.assert_allclose(got["w"], single.weights_.numpy(), **tol)
             np.testing.assert_allclose(got["m"], single.means_.numpy(), **tol)
             np.testing.assert_allclose(got["v"], single.covariances_.numpy(), **tol)
+
+
+def saturated_features(n: int = 5000, d: int = 64, seed: int = 0) -> np.ndarray:
+    """tanh features that saturate, so components collapse onto the variance floor in many dimensions."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(32, d)) / math.sqrt(32)
+    z = rng.normal(size=(10, 32))[rng.integers(0, 10, n)] * 2 + rng.normal(size=(n, 32))
+    return np.tanh(z @ basis + 0.3 * rng.normal(size=(n, d)) + 0.5).astype(np.float32)
+
+
+def test_float32_rounding_falls_back_to_float64_and_keeps_the_bound_monotone():
+    x = saturated_features()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no decrease warning on the default path
+        model = DiagonalGMM(20, random_state=0, max_iter=60, tol=0).fit(x)
+    assert model.float64_from_iter_ is not None
+    after = np.asarray(model.lower_bounds_[model.float64_from_iter_ - 1 :])
+    assert (np.diff(after) > -1e-9).all()
+    with pytest.warns(RuntimeWarning, match="decreased"):
+        DiagonalGMM(20, random_state=0, max_iter=60, tol=0, precision_fallback=False).fit(x)

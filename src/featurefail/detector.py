@@ -64,9 +64,17 @@ class DetectorConfig(BaseModel):
         """Keyword arguments for ``get_scorer(self.scorer, ...)``."""
         if self.scorer == "gmm":
             return dict(
-                n_components=self.n_components, score=self.score, max_iter=self.max_iter, tol=self.tol,
-                reg_covar=self.reg_covar, init=self.init, n_init=self.n_init, chunk_size=self.chunk_size,
-                random_state=self.seed, device=self.device, **self.scorer_options,
+                n_components=self.n_components,
+                score=self.score,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                reg_covar=self.reg_covar,
+                init=self.init,
+                n_init=self.n_init,
+                chunk_size=self.chunk_size,
+                random_state=self.seed,
+                device=self.device,
+                **self.scorer_options,
             )
         return dict(self.scorer_options)
 
@@ -153,10 +161,17 @@ class FailureDetector:
             loader = [(chunk,) for chunk in torch.split(x, self.config.batch_size)]
         else:
             loader = x
-        needs_inputs = bool(getattr(self.scorer_ if hasattr(self, "scorer_") else self._new_scorer(),
-                                    "requires_inputs", False))
-        return extract_features(model, loader, self._hook(model), batch_fn=batch_fn, keep_inputs=needs_inputs,
-                                progress_bar=self.config.progress and not isinstance(x, torch.Tensor))
+        needs_inputs = bool(
+            getattr(self.scorer_ if hasattr(self, "scorer_") else self._new_scorer(), "requires_inputs", False)
+        )
+        return extract_features(
+            model,
+            loader,
+            self._hook(model),
+            batch_fn=batch_fn,
+            keep_inputs=needs_inputs,
+            progress_bar=self.config.progress and not isinstance(x, torch.Tensor),
+        )
 
     # ---- fitting ----------------------------------------------------------------------------------------------
 
@@ -173,13 +188,21 @@ class FailureDetector:
         self.model_ = model
         hook = self._hook(model)
         scorer = self._new_scorer()
-        feats = extract_features(model, loader, hook, batch_fn=batch_fn,
-                                 keep_inputs=bool(getattr(scorer, "requires_inputs", False)),
-                                 progress_bar=self.config.progress)
+        feats = extract_features(
+            model,
+            loader,
+            hook,
+            batch_fn=batch_fn,
+            keep_inputs=bool(getattr(scorer, "requires_inputs", False)),
+            progress_bar=self.config.progress,
+        )
         if hook.head is not None:
             self.head_weight_ = hook.head.weight.detach().float().cpu().clone()
-            self.head_bias_ = (hook.head.bias.detach().float().cpu().clone() if hook.head.bias is not None
-                               else torch.zeros(hook.head.weight.shape[0]))
+            self.head_bias_ = (
+                hook.head.bias.detach().float().cpu().clone()
+                if hook.head.bias is not None
+                else torch.zeros(hook.head.weight.shape[0])
+            )
         else:
             self.head_weight_ = self.head_bias_ = None
         return self.fit_features(feats, scorer=scorer)
@@ -222,8 +245,9 @@ class FailureDetector:
         if getattr(self.scorer_, "requires_validation", False):
             self.scorer_.fit(feats)
         scores = self.score_features(feats)
-        result = cross_validate_threshold(scores, ~feats.correct, strategy=strategy, folds=folds,
-                                          seed=self.config.seed or 0)
+        result = cross_validate_threshold(
+            scores, ~feats.correct, strategy=strategy, folds=folds, seed=self.config.seed or 0
+        )
         self.threshold_ = result.threshold
         self.calibration_ = result
         return self
@@ -249,8 +273,9 @@ class FailureDetector:
             bad |= ~torch.isfinite(features.logits).all(dim=1)
         scores = self.scorer_.score(features).detach().float().cpu()
         if scores.shape != (len(features),):
-            raise RuntimeError(f"scorer {self.scorer_.name!r} returned shape {tuple(scores.shape)}, "
-                               f"expected ({len(features)},)")
+            raise RuntimeError(
+                f"scorer {self.scorer_.name!r} returned shape {tuple(scores.shape)}, expected ({len(features)},)"
+            )
         bad |= torch.isnan(scores)
         return torch.where(bad, torch.full_like(scores, -math.inf), scores)
 
@@ -319,8 +344,12 @@ class FailureDetector:
 
     @classmethod
     def load(
-        cls, path: str | Path, model: nn.Module | None = None, *,
-        output_fn: Callable[[Any], torch.Tensor] | None = None, device: str | None = None,
+        cls,
+        path: str | Path,
+        model: nn.Module | None = None,
+        *,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        device: str | None = None,
     ) -> FailureDetector:
         """Read a detector written by :meth:`save`; nothing in the file is executed.
 
@@ -338,15 +367,16 @@ class FailureDetector:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no items()
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{path} is not a readable featurefail detector (safetensors) file: {exc}") from None
         if metadata.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is a safetensors file but not a featurefail detector")
         version = metadata.get("format_version")
         if version != str(FORMAT_VERSION):
-            raise ValueError(f"{path} has detector format version {version}; this featurefail reads "
-                             f"version {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path} has detector format version {version}; this featurefail reads version {FORMAT_VERSION}"
+            )
         try:
             config = DetectorConfig.model_validate_json(metadata["config"])
             if device is not None:
@@ -362,7 +392,7 @@ class FailureDetector:
             raise ValueError(f"{path} has damaged detector metadata: {exc}") from None
         detector = cls(config, output_fn=output_fn)
         scorer = get_scorer(metadata["scorer"], **scorer_config)
-        state = {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}
+        state = {k[len("scorer.") :]: v for k, v in tensors.items() if k.startswith("scorer.")}
         state.update(scalars)
         scorer.load_state_dict(state)  # type: ignore[attr-defined]
         detector.scorer_ = scorer

@@ -77,8 +77,11 @@ class Features:
         """Wrap precomputed arrays or tensors (float32 features/logits, int64 labels)."""
 
         def tensor(v: Any, dtype: torch.dtype) -> torch.Tensor | None:
-            return None if v is None else torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v,
-                                                         dtype=dtype)
+            return (
+                None
+                if v is None
+                else torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=dtype)
+            )
 
         f = tensor(feats, torch.float32)
         assert f is not None
@@ -159,8 +162,9 @@ def extract_features(
             if memmap_path is not None:
                 if mm is None:
                     n_total = len(loader.dataset)  # type: ignore[attr-defined]
-                    mm = np.lib.format.open_memmap(str(memmap_path), mode="w+", dtype=np.float32,
-                                                   shape=(n_total, f.shape[1]))
+                    mm = np.lib.format.open_memmap(
+                        str(memmap_path), mode="w+", dtype=np.float32, shape=(n_total, f.shape[1])
+                    )
                 mm[offset : offset + f.shape[0]] = f.numpy()
             else:
                 feats.append(f)

@@ -16,8 +16,10 @@ Numerical care, each measured (see the project's DESIGN notes):
   and the M-step computed in float64, so float32 products do not drift on uncentred features.
 * ``var = E[x²] − μ²`` can round below zero: variances are floored at ``reg_covar`` times each dimension's
   variance in the training data (a relative floor, so it works at any feature scale).
-* A component whose effective count ``N_k`` falls below one sample is re-seeded by splitting the heaviest
-  component; the events are counted in ``n_reseeded_``.
+* A component whose effective count ``N_k`` falls below two samples (no variance left to estimate) is
+  re-seeded by splitting the heaviest component; the events are counted in ``n_reseeded_``.
+* Exact EM never lowers the lower bound; when float32 rounding makes it fall (dimensions collapsed onto
+  the floor), the remaining iterations run in float64.
 """
 
 from __future__ import annotations
@@ -179,7 +181,6 @@ class _FitData:
     """
 
     def __init__(self, X: Any, device: torch.device | None, dtype: torch.dtype, chunk_size: int | None, k: int):
-        self.dtype = dtype
         if isinstance(X, torch.Tensor | np.ndarray):
             tensor = as_2d_tensor(X)
             self.device = torch.device(device) if device is not None else tensor.device
@@ -234,12 +235,19 @@ class _FitData:
             )
         self.mean = stats[2 : 2 + d] / self.n_total
         self.variance = (stats[2 + d :] / self.n_total - self.mean**2).clamp_min(0.0)
-        self._center = self.mean.to(dtype)
-        self.chunk_size = chunk_size or auto_chunk_size(k, d, self.device, dtype)
+        self._fixed_chunk = chunk_size
+        self._k = k
         self._prepared: torch.Tensor | None = None
+        self.set_dtype(dtype)
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Present the data in ``dtype`` from now on (re-centring an in-memory copy)."""
+        self.dtype = dtype
+        self._center = self.mean.to(dtype)
+        self.chunk_size = self._fixed_chunk or auto_chunk_size(self._k, self.n_features, self.device, dtype)
+        self._prepared = None
         if self._tensor is not None:
-            centred = self._tensor.to(self.device, dtype) - self._center
-            self._prepared = squared_features(centred)
+            self._prepared = squared_features(self._tensor.to(self.device, dtype) - self._center)
 
     def _raw_chunks(self, validate_shape: bool = False) -> Iterator[torch.Tensor]:
         if self._tensor is not None:
@@ -380,6 +388,9 @@ class DiagonalGMM:
             any that are missing come from a hard assignment of the rows to the starting means.
         dtype: dtype of the matrix products (``torch.float32`` default; ``torch.float64`` for a reference or
             on GPUs where float64 is fast). Statistics are accumulated in float64 either way.
+        precision_fallback: in float32, when the lower bound falls by more than rounding (which exact EM
+            never does; it happens when dimensions collapse onto the variance floor), run the remaining
+            iterations in float64. ``float64_from_iter_`` records when. With False, such a fall is a warning.
         verbose: show a progress bar over EM iterations (needs ``tqdm``) and log each iteration.
 
     Attributes:
@@ -391,7 +402,8 @@ class DiagonalGMM:
         n_iter_: EM iterations run by the kept initialisation.
         lower_bound_: mean log-likelihood per sample computed in the last E-step (as scikit-learn).
         lower_bounds_: that value at every iteration.
-        n_reseeded_: components re-seeded because their effective count fell below one sample.
+        n_reseeded_: components re-seeded because their effective count fell below two samples.
+        float64_from_iter_: first iteration run in float64 by ``precision_fallback`` (None if never).
         n_features_in_: ``D``.
     """
 
@@ -411,6 +423,7 @@ class DiagonalGMM:
         means_init: Any = None,
         variances_init: Any = None,
         dtype: torch.dtype = torch.float32,
+        precision_fallback: bool = True,
         verbose: bool = False,
     ) -> None:
         self.n_components = n_components
@@ -426,6 +439,7 @@ class DiagonalGMM:
         self.means_init = means_init
         self.variances_init = variances_init
         self.dtype = dtype
+        self.precision_fallback = precision_fallback
         self.verbose = verbose
         self._validate_params()
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -483,7 +497,7 @@ class DiagonalGMM:
         """The constructor's arguments, as given."""
         names = (
             "n_components max_iter tol reg_covar init n_init random_state device chunk_size "
-            "weights_init means_init variances_init dtype verbose"
+            "weights_init means_init variances_init dtype precision_fallback verbose"
         ).split()
         return {name: getattr(self, name) for name in names}
 
@@ -517,6 +531,8 @@ class DiagonalGMM:
 
         best: dict[str, Any] | None = None
         for run in range(n_runs):
+            if data.dtype != self.dtype:
+                data.set_dtype(self.dtype)
             params = self._initialise(data, start, floor, generator)
             result = self._run_em(data, params, floor, generator, run)
             if best is None or result["lower_bound"] > best["lower_bound"]:
@@ -539,6 +555,7 @@ class DiagonalGMM:
         self.lower_bound_ = float(best["lower_bound"])
         self.lower_bounds_ = list(best["lower_bounds"])
         self.n_reseeded_ = int(best["n_reseeded"])
+        self.float64_from_iter_ = best["float64_from"]
         self.n_features_in_ = d
         self.device_ = dev
         self._cache = None
@@ -625,7 +642,7 @@ class DiagonalGMM:
         lower_bounds: list[float] = []
         converged, n_reseeded, warned, reseeded_last = False, 0, False, False
         last_change = math.inf
-        rounding = 10 * torch.finfo(data.dtype).eps
+        float64_from: int | None = None
         iterations = progress(
             range(1, self.max_iter + 1),
             enabled=self.verbose,
@@ -653,15 +670,24 @@ class DiagonalGMM:
                 )
             if lower_bounds:
                 last_change = lower_bound - lower_bounds[-1]
-                slack = rounding * (abs(lower_bound) + d)
-                if last_change < -slack and not reseeded_last and not warned:
-                    warnings.warn(
-                        f"EM lower bound decreased by {-last_change:.3g} nats/sample at iteration {n_iter} "
-                        "(more than rounding); consider dtype=torch.float64",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                    warned = True
+                slack = 10 * torch.finfo(data.dtype).eps * (abs(lower_bound) + d)
+                if last_change < -slack and not reseeded_last and float64_from != n_iter:
+                    # exact EM never lowers the bound: float32 rounding has reached the fit (typically
+                    # dimensions collapsed onto the variance floor), so finish in float64
+                    if data.dtype != torch.float64 and self.precision_fallback:
+                        logger.info(
+                            "EM: lower bound fell by %.3g at iteration %d; continuing in float64", -last_change, n_iter
+                        )
+                        data.set_dtype(torch.float64)
+                        float64_from = n_iter + 1
+                    elif not warned:
+                        warnings.warn(
+                            f"EM lower bound decreased by {-last_change:.3g} nats/sample at iteration {n_iter} "
+                            "(more than rounding)",
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
+                        warned = True
             lower_bounds.append(lower_bound)
             if self.verbose:
                 logger.info("EM iteration %d: mean log-likelihood %.6f", n_iter, lower_bound)
@@ -684,6 +710,7 @@ class DiagonalGMM:
             "n_iter": n_iter,
             "n_reseeded": n_reseeded,
             "last_change": last_change,
+            "float64_from": float64_from,
         }
 
     # ---- inference --------------------------------------------------------------------------------------------

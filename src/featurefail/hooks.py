@@ -131,8 +131,7 @@ class FeatureHook:
         value = args[0] if self.capture_input else output
         if not isinstance(value, torch.Tensor):
             raise TypeError(
-                f"the hooked module {self.layer_name!r} gave a {type(value).__name__}, not a tensor; "
-                "hook another layer"
+                f"the hooked module {self.layer_name!r} gave a {type(value).__name__}, not a tensor; hook another layer"
             )
         self._captured = pool_features(value, self.pool)
 
