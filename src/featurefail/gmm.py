@@ -67,6 +67,38 @@ def squared_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x * x], dim=1)
 
 
+def augmented_features(x: torch.Tensor) -> torch.Tensor:
+    """``[x, x², 1]`` along the feature axis: ``(n, D) -> (n, 2D + 1)``.
+
+    With it one product gives the E-step (``coef`` and ``bias`` stacked) and one the M-step statistics
+    (the last column sums the responsibilities into ``N_k``).
+    """
+    return torch.cat([x, x * x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def em_chunk_statistics(xa: torch.Tensor, coef_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E-step and M-step statistics of one chunk.
+
+    Args:
+        xa: ``(n, 2D + 1)`` augmented centred rows (:func:`augmented_features`).
+        coef_bias: ``(K, 2D + 1)``: :func:`natural_parameters`' ``coef`` with ``bias`` as last column.
+
+    Returns:
+        ``Σ_n r_nk [x_n, x_n², 1]`` of shape ``(K, 2D + 1)`` (the last column is ``N_k``) and the chunk's
+        summed log-likelihood (float64 scalar tensor).
+
+    The responsibilities ``r_nk = e_nk / s_n`` with ``e_nk = exp(l_nk − max_k l_nk)`` are never normalised in
+    place: ``1/s_n`` scales the ``(n, 2D+1)`` rows instead of the ``(n, K)`` matrix, saving a pass over it.
+    """
+    log_p = xa @ coef_bias.T
+    row_max = log_p.amax(dim=1, keepdim=True)
+    e = log_p.sub_(row_max).exp_()
+    row_sum = e.sum(dim=1, keepdim=True)
+    stats = e.T @ (xa / row_sum)
+    loglik = (row_max.double() + row_sum.double().log()).sum()
+    return stats, loglik
+
+
 def natural_parameters(
     weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +279,7 @@ class _FitData:
         self.chunk_size = self._fixed_chunk or auto_chunk_size(self._k, self.n_features, self.device, dtype)
         self._prepared = None
         if self._tensor is not None:
-            self._prepared = squared_features(self._tensor.to(self.device, dtype) - self._center)
+            self._prepared = augmented_features(self._tensor.to(self.device, dtype) - self._center)
 
     def _raw_chunks(self, validate_shape: bool = False) -> Iterator[torch.Tensor]:
         if self._tensor is not None:
@@ -266,13 +298,13 @@ class _FitData:
             yield chunk
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        """Centred ``[x, x²]`` chunks ``(n_chunk, 2D)`` on the compute device."""
+        """Centred ``[x, x², 1]`` chunks ``(n_chunk, 2D + 1)`` on the compute device."""
         if self._prepared is not None:
             yield from torch.split(self._prepared, self.chunk_size)
             return
         for raw in self._raw_chunks():
             for piece in torch.split(raw, self.chunk_size):
-                yield squared_features(piece.to(self.device, self.dtype) - self._center)
+                yield augmented_features(piece.to(self.device, self.dtype) - self._center)
 
     def subsample(self, m: int, generator: torch.Generator) -> torch.Tensor:
         """``m`` distinct local rows drawn uniformly, centred, ``(m, D)`` on the compute device."""
@@ -478,18 +510,18 @@ class DiagonalGMM:
             value = getattr(self, name)
             if value is None:
                 continue
-            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            t = _host_tensor(value)
             if t.ndim != ndim or t.shape[0] != k:
                 want = f"({k},)" if ndim == 1 else f"({k}, n_features)"
                 raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} holds NaN or infinite values")
         if self.weights_init is not None:
-            w = torch.as_tensor(np.asarray(self.weights_init), dtype=torch.float64)
+            w = _host_tensor(self.weights_init)
             if bool((w <= 0).any()) or abs(float(w.sum()) - 1.0) > 1e-6:
                 raise ValueError("weights_init must be positive and sum to 1")
         if self.variances_init is not None:
-            v = torch.as_tensor(np.asarray(self.variances_init), dtype=torch.float64)
+            v = _host_tensor(self.variances_init)
             if bool((v <= 0).any()):
                 raise ValueError("variances_init must be positive")
 
@@ -565,7 +597,7 @@ class DiagonalGMM:
         def load(value: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
             if value is None:
                 return None
-            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            t = _host_tensor(value)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} for data with {d} features, got {tuple(t.shape)}")
             return t.to(dev, torch.float64)
@@ -612,7 +644,7 @@ class DiagonalGMM:
         for xx in data.chunks():
             labels = _nearest(xx[:, :d], centers, data.chunk_size)
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-            sums.index_add_(0, labels, xx.double())
+            sums.index_add_(0, labels, xx[:, : 2 * d].double())
         _all_reduce_(counts)
         _all_reduce_(sums)
         filled = counts > 0
@@ -652,16 +684,15 @@ class DiagonalGMM:
         n_iter = 0
         for n_iter in iterations:
             coef, bias = natural_parameters(weights, means, variances, data.dtype)
-            stats = torch.zeros(k + k * 2 * d + 1, dtype=torch.float64, device=dev)
-            counts, sums, loglik = stats[:k], stats[k : k + 2 * k * d].view(k, 2 * d), stats[-1:]
-            for xx in data.chunks():
-                log_resp = component_log_prob(xx, coef, bias)
-                log_norm = torch.logsumexp(log_resp, dim=1)
-                resp = log_resp.sub_(log_norm[:, None]).exp_()
-                counts += resp.sum(0, dtype=torch.float64)
-                sums += (resp.T @ xx).double()
-                loglik += log_norm.sum(dtype=torch.float64)
+            coef_bias = torch.cat([coef, bias[:, None]], dim=1)
+            stats = torch.zeros(k * (2 * d + 1) + 1, dtype=torch.float64, device=dev)
+            sums_all, loglik = stats[:-1].view(k, 2 * d + 1), stats[-1:]
+            for xa in data.chunks():
+                chunk_stats, chunk_loglik = em_chunk_statistics(xa, coef_bias)
+                sums_all += chunk_stats
+                loglik += chunk_loglik
             _all_reduce_(stats)
+            counts, sums = sums_all[:, -1], sums_all[:, :-1]
             lower_bound = float(loglik.item()) / data.n_total
             if not math.isfinite(lower_bound):
                 raise FloatingPointError(
@@ -671,6 +702,9 @@ class DiagonalGMM:
             if lower_bounds:
                 last_change = lower_bound - lower_bounds[-1]
                 slack = 10 * torch.finfo(data.dtype).eps * (abs(lower_bound) + d)
+                if data.dtype == torch.float64:
+                    # rounding grows with μ²/σ², up to 1/reg_covar in dimensions sitting on the floor
+                    slack /= self.reg_covar
                 if last_change < -slack and not reseeded_last and float64_from != n_iter:
                     # exact EM never lowers the bound: float32 rounding has reached the fit (typically
                     # dimensions collapsed onto the variance floor), so finish in float64
@@ -920,6 +954,13 @@ class DiagonalGMM:
     def __repr__(self) -> str:
         fitted = f", fitted on D={self.n_features_in_}" if hasattr(self, "weights_") else ""
         return f"DiagonalGMM(n_components={self.n_components}, init={self.init!r}{fitted})"
+
+
+def _host_tensor(value: Any) -> torch.Tensor:
+    """A float64 CPU tensor of an array, list or tensor on any device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(value, dtype=np.float64))
 
 
 def _split_heaviest(
