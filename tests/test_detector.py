@@ -1,0 +1,174 @@
+"""FailureDetector: config, fit/score/detect, calibration, bad input, save/load."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from featurefail import DetectorConfig, FailureDetector, Features, NotFittedError, detect, score
+
+
+def loader(x, y=None, bs=128):
+    return [(x[i : i + bs],) if y is None else (x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+@pytest.fixture(scope="module")
+def fitted(trained_mlp):
+    model, s = trained_mlp
+    det = FailureDetector(n_components=6, progress=False).fit(model, loader(*s["train"]))
+    return det, model, s
+
+
+def test_config_from_keywords_and_validation():
+    det = FailureDetector(n_components=7, layer="net.fc", score="bpd")
+    assert det.config == DetectorConfig(n_components=7, layer="net.fc", score="bpd")
+    for bad in (dict(n_components=0), dict(score="nats"), dict(device="gpu9"), dict(bogus=1), dict(tol=-1)):
+        with pytest.raises(ValueError, match="invalid FailureDetector settings"):
+            FailureDetector(**bad)
+    with pytest.raises(ValueError, match="unknown scorer"):
+        FailureDetector(scorer="nope").fit_features(Features(torch.randn(20, 3)))
+
+
+def test_fit_ignores_labels_and_scores_higher_for_typical_inputs(fitted):
+    det, model, s = fitted
+    assert det.head_weight_.shape == (3, 24) and det.n_features_ == 24
+    x_test = s["test"][0]
+    typical = det.score(x_test)
+    far = det.score(x_test * 8 + 20)
+    assert typical.shape == (300,) and torch.isfinite(typical).all()
+    assert typical.median() > far.max()
+    # unlabelled loader gives exactly the same detector
+    det2 = FailureDetector(n_components=6, progress=False).fit(model, loader(s["train"][0]))
+    torch.testing.assert_close(det2.score(x_test), typical)
+    torch.testing.assert_close(score(det, x_test), typical)
+
+
+def test_bpd_score_is_scaled_loglik(fitted):
+    det, model, s = fitted
+    bpd = FailureDetector(n_components=6, score="bpd", progress=False).fit(model, loader(*s["train"]))
+    torch.testing.assert_close(
+        bpd.score(s["test"][0]), det.score(s["test"][0]) / (24 * math.log(2)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_calibrate_and_detect(fitted):
+    det, _, s = fitted
+    with pytest.raises(NotFittedError, match="calibrate"):
+        det.detect(s["test"][0])
+    det.calibrate(loader(*s["val"]), strategy="f1", folds=3)
+    assert det.calibration_.n_failures > 0 and math.isfinite(det.threshold_)
+    flags = det.detect(s["test"][0])
+    assert flags.dtype == torch.bool and flags.shape == (300,)
+    assert torch.equal(flags, det.score(s["test"][0]) < det.threshold_)
+    assert torch.equal(detect(det, s["test"][0], threshold=-1e9), torch.zeros(300, dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels"):
+        det.calibrate(loader(s["val"][0]))
+    with pytest.raises(ValueError, match="strategy"):
+        det.calibrate(loader(*s["val"]), strategy="accuracy")
+
+
+def test_bad_inputs(fitted):
+    det, model, _ = fitted
+    feats = torch.randn(5, 24)
+    feats[1, 3] = float("nan")
+    scores = det.score_features(feats)
+    assert scores[1] == -math.inf and torch.isfinite(scores[[0, 2, 3, 4]]).all()
+    assert det.detect_features(feats, threshold=-1e30)[1]
+    with pytest.raises(ValueError, match="dimension 23, expected 24"):
+        det.score_features(torch.randn(5, 23))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        FailureDetector().score(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="no samples"):
+        FailureDetector(progress=False).fit(model, [])
+    bad = Features(torch.randn(50, 4))
+    bad.feats[[3, 7]] = float("inf")
+    with pytest.raises(ValueError, match="2 row"):
+        FailureDetector(n_components=2).fit_features(bad)
+
+
+def test_save_load_round_trip_is_exact(fitted, tmp_path):
+    det, model, s = fitted
+    det.calibrate(loader(*s["val"]), folds=3)
+    path = tmp_path / "det.safetensors"
+    det.save(path)
+    back = FailureDetector.load(path, model=model)
+    assert back.config == det.config and back.threshold_ == det.threshold_
+    assert back.calibration_ == det.calibration_
+    assert torch.equal(back.score(s["test"][0]), det.score(s["test"][0]))
+    assert torch.equal(back.head_weight_, det.head_weight_)
+    for name in ("weights_", "means_", "covariances_", "center_"):
+        assert torch.equal(getattr(back.scorer_.gmm, name), getattr(det.scorer_.gmm, name))
+    no_model = FailureDetector.load(path)
+    assert torch.equal(no_model.score_features(det.features(s["test"][0])), det.score(s["test"][0]))
+    with pytest.raises(RuntimeError, match="no model"):
+        no_model.score(s["test"][0])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_load_refuses_pickles_truncation_and_versions(fitted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    det, _, _ = fitted
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ValueError, match="not a readable featurefail detector"):
+        FailureDetector.load(evil)
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable"):
+        FailureDetector.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+    good = tmp_path / "good.safetensors"
+    det.save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable"):
+        FailureDetector.load(tmp_path / "cut.safetensors")
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(good), "pt") as f:
+        meta = dict(f.metadata())
+    meta["format_version"] = "99"
+    save_file(load_file(str(good)), str(tmp_path / "v99.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="version 99"):
+        FailureDetector.load(tmp_path / "v99.safetensors")
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a featurefail detector"):
+        FailureDetector.load(tmp_path / "other.safetensors")
+
+
+def test_user_scorer_following_the_protocol_works_unchanged(fitted):
+    _, model, s = fitted
+
+    class NormScorer:
+        name = "norm"
+        requires_labels = False
+
+        def fit(self, features):
+            self.mean = features.feats.mean(0)
+            return self
+
+        def score(self, features):
+            return -(features.feats - self.mean).norm(dim=1)
+
+    det = FailureDetector(scorer=NormScorer(), progress=False).fit(model, loader(*s["train"]))
+    assert det.config.scorer == "norm"
+    assert det.score(s["test"][0]).shape == (300,)
+    with pytest.raises(TypeError, match="protocol"):
+        FailureDetector(scorer=object())
+
+
+def test_semi_supervised_use_needs_no_labels_at_all(trained_mlp):
+    model, s = trained_mlp
+    unlabelled = [s["train"][0][i : i + 100] for i in range(0, 900, 100)]  # bare tensors
+    det = FailureDetector(n_components=4, progress=False).fit(model, unlabelled)
+    assert np.isfinite(det.score(s["test"][0]).numpy()).all()
