@@ -9,6 +9,7 @@ from .detector import DetectorConfig, FailureDetector, detect, score
 from .features import Features, extract_features
 from .gmm import DiagonalGMM, NotFittedError
 from .hooks import FeatureHook
+from .purify import PurifyResult, purification_grid, purify
 from .stats import MannWhitneyResult, mann_whitney
 from .threshold import ThresholdResult, cross_validate_threshold
 
@@ -21,6 +22,7 @@ __all__ = [
     "Features",
     "MannWhitneyResult",
     "NotFittedError",
+    "PurifyResult",
     "ThresholdResult",
     "__version__",
     "cross_validate_threshold",
@@ -28,6 +30,8 @@ __all__ = [
     "extract_features",
     "mann_whitney",
     "metrics",
+    "purification_grid",
+    "purify",
     "score",
     "scorers",
 ]

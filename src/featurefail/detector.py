@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,7 @@ class FailureDetector:
         self.calibration_: ThresholdResult | None = None
         self.head_weight_: torch.Tensor | None = None
         self.head_bias_: torch.Tensor | None = None
+        self._forward_lock = threading.Lock()
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
@@ -164,14 +166,17 @@ class FailureDetector:
         needs_inputs = bool(
             getattr(self.scorer_ if hasattr(self, "scorer_") else self._new_scorer(), "requires_inputs", False)
         )
-        return extract_features(
-            model,
-            loader,
-            self._hook(model),
-            batch_fn=batch_fn,
-            keep_inputs=needs_inputs,
-            progress_bar=self.config.progress and not isinstance(x, torch.Tensor),
-        )
+        # forward hooks fire for every caller of the module: one hooked pass at a time per detector
+        # (as_module() needs no hooks and no lock)
+        with self._forward_lock:
+            return extract_features(
+                model,
+                loader,
+                self._hook(model),
+                batch_fn=batch_fn,
+                keep_inputs=needs_inputs,
+                progress_bar=self.config.progress and not isinstance(x, torch.Tensor),
+            )
 
     # ---- fitting ----------------------------------------------------------------------------------------------
 
@@ -296,6 +301,37 @@ class FailureDetector:
     def detect_features(self, features: Features | torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """:meth:`detect` for precomputed features."""
         return self.score_features(features) < self._threshold(threshold)
+
+    def as_module(self, threshold: float | None = None) -> nn.Module:
+        """The attached model and this detector as one module: ``forward(x) -> (logits, score, flag)``.
+
+        The model is rewritten with ``torch.fx`` to return the hooked activation with its output, so no Python
+        hook runs at inference; the scorer runs as its own module (``scorer_.as_module()``) and the threshold
+        (default ``threshold_``) is a buffer. Works with ``torch.jit.trace``, ``torch.export`` and
+        ``torch.compile`` where the model does, on any device (``.to(device)``).
+
+        Raises:
+            ValueError: when the model cannot be traced by ``torch.fx``; TypeError when the scorer has no
+                ``as_module()``.
+        """
+        from .deploy import DetectorModule, feature_extractor
+
+        self._check_fitted()
+        model = self._require_model()
+        make = getattr(self.scorer_, "as_module", None)
+        if not callable(make):
+            raise TypeError(f"scorer {self.scorer_.name!r} has no as_module(); it cannot be deployed as a module")
+        t = self._threshold(threshold) if (threshold is not None or self.threshold_ is not None) else -math.inf
+        pool = None if self.config.pool == "none" else self.config.pool
+        extractor = feature_extractor(model, self.config.layer)
+        return DetectorModule(extractor, make(), t, pool=pool, output_fn=self.output_fn).eval()
+
+    def purify(self, x_or_features: Any, lr: float = 0.1, nu: float = 0.01, steps: int = 100, **kwargs: Any):
+        """:func:`featurefail.purify` with this detector (GMM scorer; head = the hooked ``nn.Linear``)."""
+        from .purify import purify
+
+        self._check_fitted()
+        return purify(self, x_or_features, lr=lr, nu=nu, steps=steps, **kwargs)
 
     def _threshold(self, threshold: float | None) -> float:
         if threshold is not None:

@@ -52,6 +52,12 @@ class GMMScorer:
             return loglik / (self.gmm.n_features_in_ * math.log(2.0))
         return loglik
 
+    def as_module(self) -> torch.nn.Module:
+        """The scoring as a standalone ``nn.Module(feats, logits) -> (N,)`` (for deployment and export)."""
+        from ..deploy import GMMScoreModule
+
+        return GMMScoreModule(self.gmm, bpd=self.score_kind == "bpd")
+
     def get_config(self) -> dict[str, Any]:
         config = {"n_components": self.n_components, "score": self.score_kind}
         config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})

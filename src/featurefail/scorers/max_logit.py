@@ -29,7 +29,13 @@ class MaxLogit:
 
     def score(self, features: Features) -> torch.Tensor:
         check_features(features, logits=True, who="MaxLogit") if features.logits is None else None
-        return features.logits.max(dim=1).values
+        return _max_logit(features.logits)
+
+    def as_module(self) -> torch.nn.Module:
+        """The scoring as ``nn.Module(feats, logits) -> (N,)`` for deployment."""
+        from ..deploy import LogitScoreModule
+
+        return LogitScoreModule(_max_logit)
 
     def get_config(self) -> dict[str, Any]:
         return {}
@@ -39,3 +45,8 @@ class MaxLogit:
 
     def load_state_dict(self, state: dict[str, Any]) -> MaxLogit:
         return self
+
+
+def _max_logit(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, C) -> (N,)`` largest logit."""
+    return logits.max(dim=1).values

@@ -29,7 +29,13 @@ class MaxSoftmax:
 
     def score(self, features: Features) -> torch.Tensor:
         check_features(features, logits=True, who="MaxSoftmax") if features.logits is None else None
-        return torch.softmax(features.logits.double(), dim=1).max(dim=1).values.float()
+        return _max_softmax(features.logits)
+
+    def as_module(self) -> torch.nn.Module:
+        """The scoring as ``nn.Module(feats, logits) -> (N,)`` for deployment."""
+        from ..deploy import LogitScoreModule
+
+        return LogitScoreModule(_max_softmax)
 
     def get_config(self) -> dict[str, Any]:
         return {}
@@ -39,3 +45,8 @@ class MaxSoftmax:
 
     def load_state_dict(self, state: dict[str, Any]) -> MaxSoftmax:
         return self
+
+
+def _max_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, C) -> (N,)`` largest softmax probability, computed in float64."""
+    return torch.softmax(logits.double(), dim=1).max(dim=1).values.float()

@@ -1,0 +1,141 @@
+"""Deployment: the classifier and its detector as one ``nn.Module``, with no Python hooks at run time.
+
+``FailureDetector.as_module()`` rewrites the classifier with ``torch.fx`` so that one forward pass returns the
+logits and the hooked activation, then scores the pooled features with the scorer's own module and compares
+with the calibrated threshold. The result is a plain module: ``torch.jit.trace``, ``torch.export`` and
+``torch.compile`` see ordinary tensor operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .hooks import default_output_fn, find_layer, pool_features
+
+__all__ = ["DetectorModule", "GMMScoreModule", "LogitScoreModule", "feature_extractor"]
+
+
+def feature_extractor(model: nn.Module, layer: str | nn.Module | None, capture_input: bool | None = None) -> nn.Module:
+    """A ``torch.fx.GraphModule`` computing ``(model_output, activation)`` in one pass.
+
+    The activation is the input of the module ``layer`` (default: the last ``nn.Linear``) or its output when a
+    layer is named, exactly as :class:`~featurefail.FeatureHook` captures it.
+
+    Raises:
+        ValueError: when the model cannot be traced symbolically (data-dependent control flow) or the
+            layer is not called in the traced graph.
+    """
+    name, _, auto_input = find_layer(model, layer)
+    use_input = auto_input if capture_input is None else capture_input
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # keep the hooked module whole
+            return qualname == name or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+        graph_module = torch.fx.GraphModule(model, graph)
+    except Exception as exc:
+        raise ValueError(
+            f"as_module() needs a model that torch.fx can trace; tracing failed with: {exc}. "
+            "Score with detector.score() (hooks) instead, or make the forward traceable."
+        ) from exc
+    target = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+    if target is None:
+        raise ValueError(f"layer {name!r} is not called as a module in the traced graph")
+    captured = target.args[0] if use_input else target
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        pair = graph.call_function(tuple, ((output.args[0], captured),))
+    output.args = (pair,)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+class GMMScoreModule(nn.Module):
+    """``log p(F)`` under a fitted :class:`~featurefail.DiagonalGMM` as buffers: ``(N, D) -> (N,)``.
+
+    The same computation as ``DiagonalGMM.score_samples``: a float32 product picks each row's dominant
+    components, which are recomputed exactly in float64 (so a TF32 setting cannot spoil the result).
+    Non-finite rows score ``-inf``. With ``bpd=True`` returns ``log p(F) / (D ln 2)`` (i.e. ``-BPD``).
+    """
+
+    def __init__(self, gmm: Any, bpd: bool = False, top: int = 4) -> None:
+        super().__init__()
+        center = gmm.center_.detach().double().cpu()
+        means = gmm.means_.detach().double().cpu() - center
+        variances = gmm.covariances_.detach().double().cpu()
+        weights = gmm.weights_.detach().double().cpu()
+        precisions = 1.0 / variances
+        d = means.shape[1]
+        exact_bias = torch.log(weights) - 0.5 * torch.log(variances).sum(1) - 0.5 * d * math.log(2 * math.pi)
+        self.register_buffer("center32", center.float())
+        self.register_buffer("coef", torch.cat([means * precisions, -0.5 * precisions], dim=1).float())
+        self.register_buffer("bias", (exact_bias - 0.5 * (means * means * precisions).sum(1)).float())
+        self.register_buffer("center64", center)
+        self.register_buffer("means64", means)
+        self.register_buffer("precisions64", precisions)
+        self.register_buffer("exact_bias64", exact_bias)
+        self.top = min(top, means.shape[0])
+        self.scale = 1.0 / (d * math.log(2.0)) if bpd else 1.0
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        x = feats.float()
+        finite = torch.isfinite(x).all(dim=1)
+        x = torch.where(finite[:, None], x, torch.zeros_like(x))
+        xc = x - self.center32
+        lp = torch.addmm(self.bias, torch.cat([xc, xc * xc], dim=1), self.coef.T).double()
+        idx = lp.topk(self.top, dim=1).indices
+        diff = (x.double() - self.center64)[:, None, :] - self.means64[idx]
+        exact = self.exact_bias64[idx] - 0.5 * (diff * diff * self.precisions64[idx]).sum(-1)
+        score = torch.logsumexp(lp.scatter(1, idx, exact), dim=1) * self.scale
+        return torch.where(finite, score, torch.full_like(score, -math.inf)).float()
+
+
+class LogitScoreModule(nn.Module):
+    """A score computed from the logits alone: ``fn(logits) -> (N,)`` (max softmax, max logit, ...)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.fn(logits)
+
+
+class DetectorModule(nn.Module):
+    """Classifier + detector: ``forward(x) -> (logits, score, flag)``, flag = ``score < threshold``.
+
+    Non-finite features or logits score ``-inf`` and are flagged, as in ``FailureDetector.score``.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        scorer: nn.Module,
+        threshold: float,
+        pool: Any = "avg",
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.scorer = scorer
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.pool = pool
+        self.output_fn = output_fn or default_output_fn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        output, activation = self.extractor(x)
+        logits = self.output_fn(output)
+        feats = pool_features(activation, self.pool)
+        score = self.scorer(feats, logits).float()
+        bad = ~(torch.isfinite(feats).all(dim=1) & torch.isfinite(logits).all(dim=1)) | torch.isnan(score)
+        score = torch.where(bad, torch.full_like(score, -math.inf), score)
+        return logits, score, score < self.threshold

@@ -1,0 +1,102 @@
+"""as_module(): equal to detector.score/detect, export round trips, thread safety."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from models import TinyDenseNet, TinyResNet, train
+from torch import nn
+
+from featurefail import FailureDetector
+
+
+@pytest.fixture(scope="module")
+def resnet_detector():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long() + (x.mean((1, 2, 3)) > 0.5).long()
+    model = train(TinyResNet(), x[:300], y[:300], epochs=5)
+    det = FailureDetector(n_components=5, progress=False).fit(model, [(x[:300], y[:300])])
+    det.calibrate([(x[300:], y[300:])], folds=2)
+    return det, model, x[300:]
+
+
+def test_as_module_equals_score_and_detect(resnet_detector):
+    det, model, x = resnet_detector
+    module = det.as_module()
+    logits, score, flag = module(x)
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(score, det.score(x), rtol=1e-6, atol=1e-5)
+    assert torch.equal(flag, det.detect(x))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_as_module_flags_non_finite_inputs(resnet_detector):
+    det, _, x = resnet_detector
+    bad = x[:3].clone()
+    bad[1] = float("nan")
+    _, score, flag = det.as_module()(bad)
+    assert score[1] == -math.inf and flag[1]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.9+ deprecates TorchScript; it still works
+def test_torchscript_round_trip(resnet_detector, tmp_path):
+    det, _, x = resnet_detector
+    module = det.as_module()
+    traced = torch.jit.trace(module, x[:4])
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    for a, b in zip(loaded(x), module(x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_export_and_compile(resnet_detector, tmp_path):
+    det, _, x = resnet_detector
+    module = det.as_module()
+    exported = torch.export.export(module, (x[:4],))
+    torch.export.save(exported, str(tmp_path / "m.pt2"))
+    reloaded = torch.export.load(str(tmp_path / "m.pt2")).module()
+    for a, b in zip(reloaded(x[:4]), module(x[:4]), strict=True):
+        torch.testing.assert_close(a, b)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(x), module(x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_as_module_on_a_named_layer_and_logit_scorers():
+    model = TinyDenseNet().eval()
+    x = torch.rand(50, 1, 8, 8)
+    det = FailureDetector(n_components=3, layer="features", progress=False).fit(model, [(x,)])
+    _, score, _ = det.as_module(threshold=0.0)(x)
+    torch.testing.assert_close(score, det.score(x), rtol=1e-6, atol=1e-5)
+    soft = FailureDetector(scorer="max_softmax", progress=False).fit(model, [(x,)])
+    torch.testing.assert_close(soft.as_module(threshold=0.5)(x)[1], soft.score(x))
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+                x = x * 2
+            return self.fc(x)
+
+    det = FailureDetector(scorer="max_logit", progress=False).fit(Branchy(), [(torch.randn(8, 4),)])
+    with pytest.raises(ValueError, match="torch.fx"):
+        det.as_module(threshold=0.0)
+
+
+def test_concurrent_scores_equal_serial(resnet_detector):
+    det, _, x = resnet_detector
+    chunks = [x[i : i + 10] for i in range(0, 100, 10)] * 3
+    serial = [det.score(c) for c in chunks]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        threaded = list(pool.map(det.score, chunks))
+    for a, b in zip(serial, threaded, strict=True):
+        assert torch.equal(a, b)
