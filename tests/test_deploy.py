@@ -88,7 +88,7 @@ def test_untraceable_model_is_a_clear_error():
             return self.fc(x)
 
     det = FailureDetector(scorer="max_logit", progress=False).fit(Branchy(), [(torch.randn(8, 4),)])
-    with pytest.raises(ValueError, match="torch.fx"):
+    with pytest.raises(ValueError, match=r"torch\.fx"):
         det.as_module(threshold=0.0)
 
 

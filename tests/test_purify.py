@@ -53,7 +53,7 @@ def test_large_nu_barely_moves_and_nu_zero_descends_monotonically():
 
 
 def test_purification_fixes_mistakes_in_a_low_density_gap():
-    f, y = two_clusters()
+    f, _ = two_clusters()
     det = detector_on(f)
     # class-1 samples just left of the boundary (x = 0.5) but closer to class 1's mode than class 0's
     stragglers = torch.tensor([[0.35, 0.0], [0.4, 0.3], [0.45, -0.2]])
