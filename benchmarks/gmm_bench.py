@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--whole-iters", type=int, default=100, help="max_iter of the whole fits (both libraries)")
     parser.add_argument("--k1000-whole-iters", type=int, default=20, help="max_iter of whole fits at K=1000")
     parser.add_argument("--no-sklearn-large", action="store_true", help="skip scikit-learn at N=1M")
+    parser.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn everywhere")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -180,7 +181,7 @@ def main() -> None:
         sizes.append((1_000_000, 512, 1000, args.k1000_whole_iters))
     rows = []
     for n, d, k, whole in sizes:
-        sk = not (n >= 1_000_000 and args.no_sklearn_large)
+        sk = not (args.no_sklearn or (n >= 1_000_000 and args.no_sklearn_large))
         rows += bench_size(n, d, k, args.device, sk, args.iters, whole)
         print_table(rows)
     if args.device.startswith("cuda"):

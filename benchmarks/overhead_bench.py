@@ -1,0 +1,111 @@
+"""What the detector adds to inference: plain forward vs ``as_module()`` forward vs ``detector.score``.
+
+A CIFAR-style ResNet-20 (3 stages × 3 basic blocks, widths 16/32/64, 64-d penultimate features, 32×32×3
+inputs) with a GMM of K = 100 and K = 1000 components, at batch sizes 1, 64 and 256. Each figure is the median
+of repeated timed calls after warm-up, all in one run, so the ratios compare like with like.
+
+Usage::
+
+    python benchmarks/overhead_bench.py --device cpu
+    python benchmarks/overhead_bench.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featurefail import FailureDetector
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for 32×32 inputs (He et al., 2016), per-channel standardisation inside the model."""
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        layers, c = [], 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                layers.append(BasicBlock(c, width, stride if i == 0 else 1))
+                c = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.stem((x - self.mean) / self.std))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def median_time(fn, device: str, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = args.device
+    torch.manual_seed(0)
+    model = ResNet20().to(device).eval()
+    fit_x = torch.rand(4096, 3, 32, 32, device=device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device} ({name}); ResNet-20 on 32×32×3, median of {args.repeats}")
+    print("\n| K | batch | plain forward | as_module() | extra | detector.score() | extra |")
+    print("|---|---|---|---|---|---|---|")
+    for k in (100, 1000):
+        det = FailureDetector(n_components=k, max_iter=5, device=device, progress=False, batch_size=256)
+        det.fit(model, [(fit_x[i : i + 512],) for i in range(0, len(fit_x), 512)])
+        det.threshold_ = 0.0
+        module = det.as_module().to(device)
+        for batch in (1, 64, 256):
+            x = torch.rand(batch, 3, 32, 32, device=device)
+            with torch.inference_mode():
+                plain = median_time(lambda x=x: model(x), device, args.repeats)
+                fused = median_time(lambda x=x: module(x), device, args.repeats)
+            scored = median_time(lambda x=x: det.score(x), device, args.repeats)
+            print(
+                f"| {k} | {batch} | {plain * 1e3:.2f} ms | {fused * 1e3:.2f} ms | {100 * (fused / plain - 1):+.1f}% "
+                f"| {scored * 1e3:.2f} ms | {100 * (scored / plain - 1):+.1f}% |"
+            )
+
+
+if __name__ == "__main__":
+    main()
