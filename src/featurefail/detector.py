@@ -193,6 +193,9 @@ class FailureDetector:
         self.model_ = model
         hook = self._hook(model)
         scorer = self._new_scorer()
+        attach = getattr(scorer, "attach", None)
+        if callable(attach):
+            attach(model, self._hook)
         feats = extract_features(
             model,
             loader,
@@ -217,8 +220,7 @@ class FailureDetector:
         scorer = scorer or self._new_scorer()
         if getattr(scorer, "requires_labels", False) and features.labels is None:
             raise ValueError(f"scorer {scorer.name!r} needs labels to fit; pass a loader that yields (x, y)")
-        if not getattr(scorer, "requires_validation", False):
-            scorer.fit(features)
+        scorer.fit(features)
         self.scorer_ = scorer
         self.n_features_ = int(features.feats.shape[1])
         self.threshold_ = None
@@ -230,8 +232,8 @@ class FailureDetector:
     ) -> FailureDetector:
         """Choose ``threshold_`` by k-fold cross-validation on labelled validation data.
 
-        Positives are the model's mistakes (``argmax logits != y``). Scorers that learn from validation data
-        (``requires_validation``, e.g. temperature scaling) are fitted here first.
+        Positives are the model's mistakes (``argmax logits != y``). Scorers that learn from labelled validation
+        data (those with a ``fit_validation`` method, e.g. temperature scaling) are fitted on it here first.
 
         Args:
             val_loader: validation batches with labels (or precomputed :class:`Features`).
@@ -247,8 +249,9 @@ class FailureDetector:
         feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
         if feats.labels is None:
             raise ValueError("calibrate needs labels: pass a validation loader that yields (x, y)")
-        if getattr(self.scorer_, "requires_validation", False):
-            self.scorer_.fit(feats)
+        fit_validation = getattr(self.scorer_, "fit_validation", None)
+        if callable(fit_validation):
+            fit_validation(feats)
         scores = self.score_features(feats)
         result = cross_validate_threshold(
             scores, ~feats.correct, strategy=strategy, folds=folds, seed=self.config.seed or 0
@@ -431,6 +434,9 @@ class FailureDetector:
         state = {k[len("scorer.") :]: v for k, v in tensors.items() if k.startswith("scorer.")}
         state.update(scalars)
         scorer.load_state_dict(state)  # type: ignore[attr-defined]
+        attach = getattr(scorer, "attach", None)
+        if callable(attach) and model is not None:
+            attach(model, detector._hook)
         detector.scorer_ = scorer
         detector.n_features_ = n_features
         detector.threshold_ = None if threshold is None else float(threshold)

@@ -2,7 +2,27 @@
 
 from .base import Scorer, available_scorers, get_scorer, register_scorer
 from .gmm import GMMScorer
+from .maf import MAFScorer
+from .mahalanobis import Mahalanobis
 from .max_logit import MaxLogit
 from .max_softmax import MaxSoftmax
+from .pixelcnn import PixelCNNScorer
+from .temperature import TemperatureScaling
+from .vae import VAEScorer
+from .zheng_hong import ZhengHong
 
-__all__ = ["GMMScorer", "MaxLogit", "MaxSoftmax", "Scorer", "available_scorers", "get_scorer", "register_scorer"]
+__all__ = [
+    "GMMScorer",
+    "MAFScorer",
+    "Mahalanobis",
+    "MaxLogit",
+    "MaxSoftmax",
+    "PixelCNNScorer",
+    "Scorer",
+    "TemperatureScaling",
+    "VAEScorer",
+    "ZhengHong",
+    "available_scorers",
+    "get_scorer",
+    "register_scorer",
+]

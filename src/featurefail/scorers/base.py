@@ -26,7 +26,10 @@ class Scorer(Protocol):
 
     Optional, read with ``getattr`` (a plain class may omit them):
         requires_inputs: ``features.inputs`` must be kept (input-space scorers such as PixelCNN).
-        requires_validation: the scorer is fit on the validation split (e.g. temperature scaling).
+        fit_validation(features) -> self: learn from labelled validation features (temperature scaling, a
+            Mahalanobis ε); ``FailureDetector.calibrate`` calls it before choosing the threshold.
+        attach(model, make_hook): receive the classifier and the detector's hook factory, for scorers that
+            need gradients through the model or other layers (Mahalanobis preprocessing).
         get_config() -> dict: JSON-able constructor arguments, and state_dict() / load_state_dict(state):
             tensors and plain numbers, so that a detector using the scorer can be saved and loaded.
     """

@@ -1,0 +1,73 @@
+"""Shared pieces of the neural density scorers: feature standardisation and a seeded Adam loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .._tensor import progress
+
+
+class Standardizer:
+    """Per-dimension ``(f − mean) / std`` fitted on training features; ``log_det`` corrects log-likelihoods."""
+
+    def __init__(self, feats: torch.Tensor) -> None:
+        f = feats.double()
+        self.mean = f.mean(0)
+        self.std = f.std(0).clamp_min(1e-6 * float(f.std(0).max().clamp_min(1e-12)))
+        self.log_det = -torch.log(self.std).sum()  # log |d z / d f|
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return ((feats.double() - self.mean.to(feats.device)) / self.std.to(feats.device)).float()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"std_mean": self.mean, "std_std": self.std}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Standardizer:
+        obj = cls.__new__(cls)
+        obj.mean = torch.as_tensor(state["std_mean"]).double()
+        obj.std = torch.as_tensor(state["std_std"]).double()
+        obj.log_det = -torch.log(obj.std).sum()
+        return obj
+
+
+def train_density(
+    module: nn.Module,
+    data: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    desc: str,
+    show_progress: bool,
+    clip: float = 10.0,
+) -> list[float]:
+    """Minimise the mean of ``loss_fn(batch)`` with Adam; returns the mean loss of every epoch."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    module.to(device).train()
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    history = []
+    for _ in progress(range(epochs), enabled=show_progress, desc=desc, total=epochs):
+        order = torch.randperm(data.shape[0], generator=g)
+        total, count = 0.0, 0
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[order[start : start + batch_size]].to(device)
+            opt.zero_grad()
+            loss = loss_fn(batch).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the training loss became {loss.item()}; lower lr")
+            loss.backward()
+            nn.utils.clip_grad_norm_(module.parameters(), clip)
+            opt.step()
+            total += float(loss.detach()) * batch.shape[0]
+            count += batch.shape[0]
+        history.append(total / count)
+    module.eval()
+    return history

@@ -1,0 +1,103 @@
+"""Zheng & Hong (2018): one Gaussian mixture per class on the hidden features, scored for the predicted class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..features import Features
+from ..gmm import DiagonalGMM
+from ..threshold import cross_validate_threshold
+from .base import check_features, register_scorer
+
+__all__ = ["ZhengHong"]
+
+
+@register_scorer("zheng_hong")
+class ZhengHong:
+    """``score = log p(h | ĉ)`` where ``ĉ = argmax logits`` and ``p(· | c)`` is a diagonal GMM fitted on the
+    training features of class ``c`` (labels needed).
+
+    Paper: Zheng & Hong, "Robust detection of adversarial attacks by modeling the intrinsic properties of deep
+    neural networks", NeurIPS 2018.
+
+    Args:
+        n_components: components per class (capped at half the class's sample count).
+        **gmm_kwargs: passed to each :class:`~featurefail.DiagonalGMM`.
+
+    Attributes:
+        class_gmms_: one fitted mixture per class, in class order.
+        classes_: ``(C,)`` the class labels.
+    """
+
+    name = "zheng_hong"
+    requires_labels = True
+
+    def __init__(self, n_components: int = 5, **gmm_kwargs: Any) -> None:
+        if n_components < 1:
+            raise ValueError("n_components must be >= 1")
+        self.n_components = n_components
+        self.gmm_kwargs = gmm_kwargs
+
+    def fit(self, features: Features) -> ZhengHong:
+        check_features(features, labels=True, logits=True, who="ZhengHong")
+        self.classes_ = torch.unique(features.labels)
+        self.class_gmms_ = []
+        for c in self.classes_.tolist():
+            rows = features.feats[features.labels == c]
+            k = max(1, min(self.n_components, rows.shape[0] // 2))
+            self.class_gmms_.append(DiagonalGMM(k, **self.gmm_kwargs).fit(rows))
+        return self
+
+    def class_log_likelihoods(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(N, D) -> (N, C)``: ``log p(h | c)`` under every class's mixture."""
+        return torch.stack([g.score_samples(feats).float().cpu() for g in self.class_gmms_], dim=1)
+
+    def score(self, features: Features) -> torch.Tensor:
+        check_features(features, logits=True, who="ZhengHong") if features.logits is None else None
+        all_classes = self.class_log_likelihoods(features.feats)
+        predicted = features.logits.argmax(dim=1)
+        column = torch.searchsorted(self.classes_, predicted).clamp_max(len(self.classes_) - 1)
+        known = self.classes_[column] == predicted
+        score = all_classes.gather(1, column[:, None]).squeeze(1)
+        return torch.where(known, score, torch.full_like(score, -float("inf")))
+
+    def per_class_thresholds(self, features: Features, strategy: str = "f1", folds: int = 5) -> dict[int, float]:
+        """A threshold per predicted class, by cross-validation on labelled validation features.
+
+        Classes with too few mistakes for ``folds`` folds fall back to the threshold of all samples pooled.
+        """
+        check_features(features, labels=True, logits=True, who="ZhengHong")
+        scores = self.score(features)
+        predicted = features.predictions
+        wrong = predicted != features.labels
+        pooled = cross_validate_threshold(scores, wrong, strategy, folds).threshold
+        out = {}
+        for c in self.classes_.tolist():
+            mask = predicted == c
+            try:
+                out[c] = cross_validate_threshold(scores[mask], wrong[mask], strategy, folds).threshold
+            except ValueError:
+                out[c] = pooled
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"n_components": self.n_components}
+        config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
+        return config
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"classes": self.classes_.clone(), "n_classes": len(self.class_gmms_)}
+        for i, g in enumerate(self.class_gmms_):
+            for key, value in g.state_dict().items():
+                state[f"class{i}.{key}"] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> ZhengHong:
+        self.classes_ = torch.as_tensor(state["classes"]).long()
+        self.class_gmms_ = []
+        for i in range(int(state["n_classes"])):
+            sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"class{i}.")}
+            self.class_gmms_.append(DiagonalGMM(int(sub["n_components"]), **self.gmm_kwargs).load_state_dict(sub))
+        return self
