@@ -99,8 +99,8 @@ def main() -> None:
             x = torch.rand(batch, 3, 32, 32, device=device)
             with torch.inference_mode():
                 plain = median_time(lambda x=x: model(x), device, args.repeats)
-                fused = median_time(lambda x=x: module(x), device, args.repeats)
-            scored = median_time(lambda x=x: det.score(x), device, args.repeats)
+                fused = median_time(lambda x=x, m=module: m(x), device, args.repeats)
+            scored = median_time(lambda x=x, d=det: d.score(x), device, args.repeats)
             print(
                 f"| {k} | {batch} | {plain * 1e3:.2f} ms | {fused * 1e3:.2f} ms | {100 * (fused / plain - 1):+.1f}% "
                 f"| {scored * 1e3:.2f} ms | {100 * (scored / plain - 1):+.1f}% |"
