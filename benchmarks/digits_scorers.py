@@ -18,8 +18,7 @@ from featurefail.demo import DigitsCNN, load_digits_splits, photo_patches, train
 from featurefail.ood import gaussian_noise
 from featurefail.scorers import available_scorers
 
-OPTIONS = {"gmm": {}, "mahalanobis": {"epsilon": "auto"}, "zheng_hong": {"n_components": 2},
-           "pixelcnn": {"epochs": 20}}
+OPTIONS = {"gmm": {}, "mahalanobis": {"epsilon": "auto"}, "zheng_hong": {"n_components": 2}, "pixelcnn": {"epochs": 20}}
 
 
 def main() -> None:
@@ -42,8 +41,11 @@ def main() -> None:
         feats = det.features(data.x_test)
         correct = Features(feats.feats, feats.logits, data.y_test).correct
         s = det.score_features(feats)
-        row = (metrics.auroc(s[correct], s[~correct]), metrics.auroc(s, det.score(noise)),
-               metrics.auroc(s, det.score(patches)))
+        row = (
+            metrics.auroc(s[correct], s[~correct]),
+            metrics.auroc(s, det.score(noise)),
+            metrics.auroc(s, det.score(patches)),
+        )
         print(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in row) + f" | {time.perf_counter() - t0:.1f} s |")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
@@ -12,6 +13,69 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, seed=args.seed, epochs=args.epochs, n_components=args.n_components, plot=not args.no_plot)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, holdout_split, parse_attack
+    from .loading import load_model
+    from .ood import NpzImages
+    from .plots import write_report
+
+    def say(message: str) -> None:
+        print(f"[featurefail] {message}", file=sys.stderr, flush=True)
+
+    for spec in args.attack:
+        parse_attack(spec)
+    model, hooked = load_model(args.model, args.weights, args.torchscript)
+    say("loading data")
+    train = NpzImages(args.train, limit=args.limit_train)
+    test = NpzImages(args.test, limit=args.limit_test)
+    if train.labels is None or test.labels is None:
+        raise SystemExit("--train and --test need labels (an array 'y' in the .npz)")
+    if args.val:
+        val = NpzImages(args.val)
+        x_train, y_train, x_val, y_val = train.images, train.labels, val.images, val.labels
+    else:
+        train_idx, val_idx = holdout_split(len(train), args.val_fraction)
+        x_train, y_train = train.images[train_idx], train.labels[train_idx]
+        x_val, y_val = train.images[val_idx], train.labels[val_idx]
+    shape = test.images.shape[1:]
+    ood = {}
+    for item in args.ood:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--ood needs name=path, got {item!r}")
+        ood[name] = NpzImages(path, size=shape[-1], channels=shape[0], limit=args.limit_test).images
+    options: dict[str, dict] = {"gmm": {"n_components": args.n_components}}
+    for item in args.option:
+        key, _, raw = item.partition("=")
+        scorer, _, name = key.partition(".")
+        if not raw or not name:
+            raise SystemExit(f"--option needs scorer.key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options.setdefault(scorer, {})[name] = value
+    result = evaluate(
+        model,
+        (x_train, y_train),
+        (x_val, y_val),
+        (test.images, test.labels),
+        scorers=args.scorers.split(","),
+        scorer_options=options,
+        ood=ood,
+        attacks=args.attack,
+        seeds=list(range(args.seeds)),
+        layer=args.layer or hooked,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=say,
+    )
+    report = write_report(result, args.out, histogram_scorer=args.scorers.split(",")[0])
+    print(result.to_markdown())
+    say(f"report written to {report}")
     return 0
 
 
@@ -34,6 +98,65 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-components", type=int, default=10, help="GMM components (default: %(default)s)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the histogram")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate scorers on your model: test mistakes, FGSM/BIM attacks and OOD sets",
+        description="Fit every scorer on the training set of YOUR classifier and report AUROC, AUPR-in, "
+        "AUPR-out and FPR@95%%TPR for its test-set mistakes, adversarial inputs and out-of-distribution "
+        "sets, with a Markdown report, CSV, JSON and figures.",
+        epilog="example: featurefail evaluate --model net.py:make_model --weights net.pt --train train.npz "
+        "--test test.npz --ood fashion=fashion_test.npz --attack fgsm:0.1 --attack bim:0.05 --out results/",
+    )
+    src = ev.add_argument_group("model (one of)")
+    src.add_argument("--model", help="'package.module:factory' or 'file.py:factory' returning the nn.Module")
+    src.add_argument("--weights", help="state dict for --model (.pt read with weights_only=True, or .safetensors)")
+    src.add_argument("--torchscript", help="a TorchScript file whose forward returns (logits, features)")
+    data = ev.add_argument_group("data (.npz files with x: uint8 (N,H,W,C) and y: int (N,))")
+    data.add_argument("--train", required=True, help="training set (fits the scorers)")
+    data.add_argument("--test", required=True, help="test set (mistakes, attacks, normal samples)")
+    data.add_argument("--val", help="labelled validation set (default: --val-fraction of --train)")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="held out of --train by featurefail.evaluate.holdout_split (default: %(default)s)",
+    )
+    data.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an out-of-distribution set, resized to the test images (repeatable)",
+    )
+    data.add_argument("--limit-train", type=int, help="use only the first N training images")
+    data.add_argument("--limit-test", type=int, help="use only the first N test (and OOD) images")
+    ev.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="KIND:EPS",
+        help="fgsm:EPS or bim:EPS on the test set, EPS in [0,1] pixels or like 8/255 (repeatable)",
+    )
+    ev.add_argument(
+        "--scorers",
+        default="gmm,max_softmax,temperature,mahalanobis",
+        help="comma-separated scorer names (default: %(default)s)",
+    )
+    ev.add_argument("--n-components", type=int, default=100, help="GMM components (default: %(default)s)")
+    ev.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="SCORER.KEY=VALUE",
+        help='a scorer setting, e.g. vae.epochs=10 or mahalanobis.epsilon="auto" (repeatable)',
+    )
+    ev.add_argument("--seeds", type=int, default=1, help="independent fits per scorer (default: %(default)s)")
+    ev.add_argument("--layer", help="module whose output is the feature (default: input of the last nn.Linear)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model is)")
+    ev.add_argument("--out", default="featurefail-report", help="output folder (default: %(default)s)")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

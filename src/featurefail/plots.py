@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["score_histogram"]
+__all__ = ["reliability_diagram", "roc_pr_curves", "score_histogram", "write_report"]
 
 
 def _pyplot():
@@ -66,4 +66,120 @@ def score_histogram(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def roc_pr_curves(scores: Mapping[str, tuple[Any, Any]], path: str | Path, *, title: str = "") -> Path:
+    """ROC (normal positive) and PR (failures positive, ranked by −score) curves, one line per scorer.
+
+    Args:
+        scores: scorer name -> ``(normal_scores, failure_scores)``.
+        path: PNG file to write (two panels side by side, like the paper's Figures 3 and 5).
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from .metrics import _labelled, aupr_out, auroc
+
+    plt = _pyplot()
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, (normal, failure) in scores.items():
+        s, is_normal = _labelled(normal, failure)
+        fpr, tpr, _ = roc_curve(is_normal, s)
+        ax_roc.plot(fpr, tpr, label=f"{name} ({100 * auroc(normal, failure):.1f})")
+        precision, recall, _ = precision_recall_curve(1 - is_normal, -s)
+        ax_pr.plot(recall, precision, label=f"{name} ({100 * aupr_out(normal, failure):.1f})")
+    ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax_roc.set_xlabel("false positive rate (failures accepted)")
+    ax_roc.set_ylabel("true positive rate (normal accepted)")
+    ax_roc.set_title("ROC, legend: AUROC %")
+    ax_pr.set_xlabel("recall of failures")
+    ax_pr.set_ylabel("precision of failures")
+    ax_pr.set_title("PR (failures positive), legend: AUPR-out %")
+    for ax in (ax_roc, ax_pr):
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(
+    logits: Any, labels: Any, path: str | Path, *, temperature: float | None = None, n_bins: int = 10
+) -> Path:
+    """Accuracy against confidence in ``n_bins`` bins, before and (if given) after temperature scaling."""
+    import torch
+
+    from .metrics import ece
+
+    plt = _pyplot()
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels).long()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, n_bins + 1)
+    variants = [("uncalibrated", z)] + ([(f"T = {temperature:.2f}", z / temperature)] if temperature else [])
+    for label, logit in variants:
+        conf, pred = torch.softmax(logit, 1).max(1)
+        hit = (pred == y).double().numpy()
+        conf_np = conf.numpy()
+        idx = np.clip(np.digitize(conf_np, edges[1:-1], right=True), 0, n_bins - 1)
+        xs = [conf_np[idx == b].mean() for b in range(n_bins) if (idx == b).any()]
+        ys = [hit[idx == b].mean() for b in range(n_bins) if (idx == b).any()]
+        ax.plot(xs, ys, marker="o", label=f"{label} (ECE {100 * ece(logit, y, n_bins):.2f}%)")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    result: Any, out_dir: str | Path, *, histogram_scorer: str = "gmm", title: str = "featurefail report"
+) -> Path:
+    """Write ``report.md`` with the result tables and embedded PNGs, plus ``results.csv`` and ``results.json``.
+
+    Figures: a score histogram of ``histogram_scorer`` over every failure source, and ROC/PR curves per source.
+    Without matplotlib the report has the tables only.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out / "results.csv")
+    result.to_json(out / "results.json")
+    lines = [f"# {title}", "", result.to_markdown()]
+    try:
+        _pyplot()
+        figures = True
+    except ImportError:
+        figures = False
+        lines.append("(install matplotlib for figures: pip install 'featurefail[plots]')")
+    if figures:
+        groups: dict[str, Any] = {}
+        for source, by_scorer in result.scores.items():
+            if histogram_scorer in by_scorer:
+                normal, failure = by_scorer[histogram_scorer]
+                groups.setdefault("clean (normal)", normal)
+                groups[source] = failure
+        if groups:
+            score_histogram(
+                groups,
+                out / "histogram.png",
+                title=f"{histogram_scorer} score per failure source",
+                xlabel=f"{histogram_scorer} score (higher = more normal)",
+            )
+            lines += ["## Score histogram", "", "![histogram](histogram.png)", ""]
+        lines += ["## ROC and PR curves", ""]
+        for i, (source, by_scorer) in enumerate(result.scores.items()):
+            name = f"curves_{i}.png"
+            roc_pr_curves(by_scorer, out / name, title=source)
+            lines += [f"### {source}", "", f"![{source}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
     return path

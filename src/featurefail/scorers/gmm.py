@@ -33,13 +33,20 @@ class GMMScorer:
     name = "gmm"
     requires_labels = False
 
-    def __init__(self, n_components: int = 100, score: Literal["loglik", "bpd"] = "loglik", **gmm_kwargs: Any):
+    def __init__(
+        self,
+        n_components: int = 100,
+        score: Literal["loglik", "bpd"] = "loglik",
+        random_state: int | None = None,
+        **gmm_kwargs: Any,
+    ):
         if score not in ("loglik", "bpd"):
             raise ValueError(f"score must be 'loglik' or 'bpd', got {score!r}")
         self.n_components = n_components
         self.score_kind = score
+        self.random_state = random_state
         self.gmm_kwargs = gmm_kwargs
-        self.gmm = DiagonalGMM(n_components, **gmm_kwargs)
+        self.gmm = DiagonalGMM(n_components, random_state=random_state, **gmm_kwargs)
 
     def fit(self, features: Features) -> GMMScorer:
         check_features(features, who="GMMScorer")
@@ -59,7 +66,7 @@ class GMMScorer:
         return GMMScoreModule(self.gmm, bpd=self.score_kind == "bpd")
 
     def get_config(self) -> dict[str, Any]:
-        config = {"n_components": self.n_components, "score": self.score_kind}
+        config = {"n_components": self.n_components, "score": self.score_kind, "random_state": self.random_state}
         config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
         return config
 

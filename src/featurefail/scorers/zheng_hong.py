@@ -34,10 +34,11 @@ class ZhengHong:
     name = "zheng_hong"
     requires_labels = True
 
-    def __init__(self, n_components: int = 5, **gmm_kwargs: Any) -> None:
+    def __init__(self, n_components: int = 5, random_state: int | None = 0, **gmm_kwargs: Any) -> None:
         if n_components < 1:
             raise ValueError("n_components must be >= 1")
         self.n_components = n_components
+        self.random_state = random_state
         self.gmm_kwargs = gmm_kwargs
 
     def fit(self, features: Features) -> ZhengHong:
@@ -47,7 +48,7 @@ class ZhengHong:
         for c in self.classes_.tolist():
             rows = features.feats[features.labels == c]
             k = max(1, min(self.n_components, rows.shape[0] // 2))
-            self.class_gmms_.append(DiagonalGMM(k, **self.gmm_kwargs).fit(rows))
+            self.class_gmms_.append(DiagonalGMM(k, random_state=self.random_state, **self.gmm_kwargs).fit(rows))
         return self
 
     def class_log_likelihoods(self, feats: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class ZhengHong:
         return out
 
     def get_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"n_components": self.n_components}
+        config: dict[str, Any] = {"n_components": self.n_components, "random_state": self.random_state}
         config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
         return config
 

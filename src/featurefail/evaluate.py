@@ -1,0 +1,331 @@
+"""The paper's experiments as one runner: scorers × failure sources × seeds, with typed result rows.
+
+Failure sources, each compared against normal samples of the clean test set:
+
+* ``test mistakes``: normal = correctly classified test samples, failures = misclassified ones;
+* ``fgsm ε=…`` / ``bim ε=…``: normal = correctly classified clean test samples, failures = their adversarial
+  versions that the model gets wrong (successful attacks only, as in Lee et al.);
+* ``ood: name``: normal = all clean test samples, failures = the out-of-distribution samples.
+
+Scorers are fitted on the training split (and, through ``fit_validation``, on the labelled validation split);
+no failure sample ever reaches ``fit`` — the runner asserts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .attacks import bim, fgsm
+from .features import Features, extract_features
+from .hooks import FeatureHook
+from .scorers.base import get_scorer
+from .stats import mann_whitney
+
+__all__ = ["EvalResult", "EvalRow", "evaluate", "holdout_split", "parse_attack"]
+
+
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random ``(train_index, validation_index)`` with ``max(10, fraction·n)`` validation rows.
+
+    ``featurefail evaluate`` uses it when no ``--val`` is given; train the classifier on ``train_index`` only.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(int(n * fraction), 10)
+    return order[n_val:], order[:n_val]
+
+
+def parse_attack(spec: str) -> tuple[str, float]:
+    """``"fgsm:0.03"`` -> ("fgsm", 0.03); ``"bim:8/255"`` -> ("bim", 0.0314)."""
+    try:
+        kind, value = spec.split(":")
+        if "/" in value:
+            num, den = value.split("/")
+            eps = float(num) / float(den)
+        else:
+            eps = float(value)
+    except ValueError:
+        raise ValueError(f"attack must look like 'fgsm:0.03' or 'bim:8/255', got {spec!r}") from None
+    if kind not in ("fgsm", "bim") or eps <= 0:
+        raise ValueError(f"attack must be fgsm or bim with eps > 0, got {spec!r}")
+    return kind, eps
+
+
+@dataclass
+class EvalRow:
+    """One scorer on one failure source, over seeds (AUROC/AUPR/FPR in [0, 1])."""
+
+    scorer: str
+    source: str
+    kind: str
+    n_normal: int
+    n_failure: int
+    auroc: float
+    auroc_std: float
+    aupr_in: float
+    aupr_in_std: float
+    aupr_out: float
+    aupr_out_std: float
+    fpr95: float
+    fpr95_std: float
+    seeds: int
+
+
+@dataclass
+class EvalResult:
+    """All rows, the Mann-Whitney tests on test mistakes, and the first seed's raw scores for plots."""
+
+    rows: list[EvalRow] = field(default_factory=list)
+    mann_whitney: dict[str, dict[str, float]] = field(default_factory=dict)
+    accuracy: float = float("nan")
+    scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict, repr=False)
+
+    def to_markdown(self) -> str:
+        """Tables in the paper's layout: AUROC, AUPR-in, AUPR-out (mean ± std, %), FPR@95%TPR."""
+        out = [f"Test accuracy: {100 * self.accuracy:.2f}%", ""]
+        for source in dict.fromkeys(r.source for r in self.rows):
+            rows = [r for r in self.rows if r.source == source]
+            out.append(f"### {source} (normal:failure = {rows[0].n_normal}:{rows[0].n_failure})")
+            out.append("")
+            out.append("| scorer | AUROC | AUPR-in | AUPR-out | FPR@95%TPR |")
+            out.append("|---|---|---|---|---|")
+            for r in rows:
+                out.append(
+                    f"| {r.scorer} | {_pm(r.auroc, r.auroc_std)} | {_pm(r.aupr_in, r.aupr_in_std)} | "
+                    f"{_pm(r.aupr_out, r.aupr_out_std)} | {_pm(r.fpr95, r.fpr95_std)} |"
+                )
+            out.append("")
+        if self.mann_whitney:
+            out.append("### Mann-Whitney U test, correct vs wrong test samples")
+            out.append("")
+            out.append("| scorer | U = min(U_C, U_W) | p-value |")
+            out.append("|---|---|---|")
+            for name, mw in self.mann_whitney.items():
+                out.append(f"| {name} | {mw['statistic']:.0f} | {mw['pvalue']:.2e} |")
+            out.append("")
+        return "\n".join(out)
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(self.rows[0])))
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow(asdict(r))
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        payload = {"accuracy": self.accuracy, "rows": [asdict(r) for r in self.rows], "mann_whitney": self.mann_whitney}
+        path.write_text(json.dumps(payload, indent=2, allow_nan=True))
+        return path
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std > 0 else f"{100 * mean:.2f}"
+
+
+def _features(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    make_hook: Callable[[], FeatureHook],
+    keep_inputs: bool,
+    batch_size: int,
+    device: torch.device,
+) -> Features:
+    loader = [
+        (x[i : i + batch_size],) if y is None else (x[i : i + batch_size], y[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    ]
+    return extract_features(model, loader, make_hook(), device=device, keep_inputs=keep_inputs, progress_bar=False)
+
+
+def _attack(
+    model: nn.Module,
+    kind: str,
+    eps: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    bim_steps: int,
+) -> torch.Tensor:
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        adv = fgsm(model, xb, yb, eps) if kind == "fgsm" else bim(model, xb, yb, eps, steps=bim_steps)
+        out.append(adv.cpu())
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    scorers: Sequence[str] = ("gmm", "max_softmax"),
+    scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ood: Mapping[str, torch.Tensor] | None = None,
+    attacks: Sequence[str] = (),
+    seeds: Sequence[int] = (0,),
+    layer: str | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    bim_steps: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Run every scorer on every failure source for every seed.
+
+    Args:
+        model: the classifier (inputs in [0, 1], normalisation inside).
+        train, val, test: ``(x, y)`` tensors; labels of ``train`` are used only by scorers that need them.
+        scorers: registered scorer names.
+        scorer_options: per-scorer keyword arguments (``seed``/``random_state`` is set per seed).
+        ood: name -> ``(M, ...)`` out-of-distribution inputs shaped like ``test[0]``.
+        attacks: specs like ``"fgsm:0.03"`` or ``"bim:8/255"`` (crafted on the test set).
+        seeds: one fit of every scorer per seed; rows report mean ± std.
+        layer: hooked layer (default: input of the last ``nn.Linear``).
+
+    Returns:
+        :class:`EvalResult`.
+    """
+    say = progress or (lambda message: None)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+    probe = [get_scorer(n, **_seeded(n, options.get(n, {}), 0)) for n in scorers]
+    keep_inputs = any(getattr(s, "requires_inputs", False) for s in probe)
+
+    def make_hook() -> FeatureHook:
+        return FeatureHook(model, layer=layer)
+
+    say("extracting features of train / validation / test")
+    f_train = _features(model, *train, make_hook, keep_inputs, batch_size, dev)
+    f_val = _features(model, *val, make_hook, keep_inputs, batch_size, dev)
+    f_test = _features(model, *test, make_hook, keep_inputs, batch_size, dev)
+    correct = f_test.correct
+    result = EvalResult(accuracy=float(correct.float().mean()))
+
+    sources: list[tuple[str, str, Features, torch.Tensor]] = []  # (name, kind, failure features, normal mask)
+    if (~correct).any() and correct.any():
+        sources.append(("test mistakes", "mistakes", f_test.subset(~correct), correct))
+    clean_x, clean_y = test[0][correct], test[1][correct]
+    for spec in attacks:
+        kind, eps = parse_attack(spec)
+        say(f"crafting {kind} adversarial examples, eps={eps:.4g}")
+        adv_x = _attack(model, kind, eps, clean_x, clean_y, batch_size, dev, bim_steps)
+        f_adv = _features(model, adv_x, clean_y, make_hook, keep_inputs, batch_size, dev)
+        fooled = ~f_adv.correct
+        if fooled.any():
+            sources.append((f"{kind} ε={eps:.4g}", "adversarial", f_adv.subset(fooled), correct))
+    for name, x_ood in (ood or {}).items():
+        if tuple(x_ood.shape[1:]) != tuple(test[0].shape[1:]):
+            raise ValueError(
+                f"OOD set {name!r} has shape {tuple(x_ood.shape[1:])}, the test inputs "
+                f"{tuple(test[0].shape[1:])}; resize it first (featurefail.ood.NpzImages(size=...))"
+            )
+        sources.append(
+            (
+                f"ood: {name}",
+                "ood",
+                _features(model, x_ood, None, make_hook, keep_inputs, batch_size, dev),
+                torch.ones_like(correct),
+            )
+        )
+
+    per_seed: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for seed in seeds:
+        for name in scorers:
+            say(f"seed {seed}: fitting {name}")
+            scorer = get_scorer(name, **_seeded(name, options.get(name, {}), seed))
+            attach = getattr(scorer, "attach", None)
+            if callable(attach):
+                attach(model, lambda m: make_hook())
+            scorer.fit(f_train)
+            fit_validation = getattr(scorer, "fit_validation", None)
+            if callable(fit_validation):
+                fit_validation(f_val)
+            _assert_only_clean_data_fitted(f_train, f_val, sources)
+            s_test = _score(scorer, f_test)
+            if seed == seeds[0] and (~correct).any() and correct.any():
+                mw = mann_whitney(s_test[correct], s_test[~correct])
+                result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
+            for source, _, failures, normal_mask in sources:
+                normal = s_test[normal_mask]
+                failed = _score(scorer, failures)
+                per_seed.setdefault((name, source), []).append(
+                    (
+                        metrics.auroc(normal, failed),
+                        metrics.aupr_in(normal, failed),
+                        metrics.aupr_out(normal, failed),
+                        metrics.fpr_at_tpr(normal, failed, 0.95),
+                    )
+                )
+                if seed == seeds[0]:
+                    result.scores.setdefault(source, {})[name] = (normal.numpy(), failed.numpy())
+    for source, kind, failures, normal_mask in sources:
+        for name in scorers:
+            values = np.asarray(per_seed[(name, source)])
+            mean, std = values.mean(0), values.std(0)
+            result.rows.append(
+                EvalRow(
+                    scorer=name,
+                    source=source,
+                    kind=kind,
+                    n_normal=int(normal_mask.sum()),
+                    n_failure=len(failures),
+                    auroc=float(mean[0]),
+                    auroc_std=float(std[0]),
+                    aupr_in=float(mean[1]),
+                    aupr_in_std=float(std[1]),
+                    aupr_out=float(mean[2]),
+                    aupr_out_std=float(std[2]),
+                    fpr95=float(mean[3]),
+                    fpr95_std=float(std[3]),
+                    seeds=len(seeds),
+                )
+            )
+    return result
+
+
+def _seeded(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``options`` with the scorer's own seed argument (``seed`` or ``random_state``, if it has one) set."""
+    import inspect
+
+    from .scorers.base import _REGISTRY
+
+    params = inspect.signature(_REGISTRY[name]).parameters if name in _REGISTRY else {}
+    opts = dict(options)
+    for key in ("seed", "random_state"):
+        if key in params:
+            opts[key] = seed
+    return opts
+
+
+def _score(scorer: Any, features: Features) -> torch.Tensor:
+    s = scorer.score(features).detach().float().cpu()
+    bad = ~torch.isfinite(features.feats).all(dim=1) | torch.isnan(s)
+    return torch.where(bad, torch.full_like(s, -math.inf), s)
+
+
+def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: list) -> None:
+    """No failure set may share memory with the features scorers were fitted on."""
+    fitted = {f_train.feats.untyped_storage().data_ptr(), f_val.feats.untyped_storage().data_ptr()}
+    for source, _, failures, _ in sources:
+        assert failures.feats.untyped_storage().data_ptr() not in fitted, (
+            f"failure samples of {source!r} share memory with the data a scorer was fitted on"
+        )
