@@ -25,12 +25,15 @@ def main() -> None:
     det.fit(model, [(data.x_train, data.y_train)])
     val = det.features(data.x_val)
     test = det.features(data.x_test)
-    grid = purification_grid(det, Features(val.feats, val.logits, data.y_val),
-                             Features(test.feats, test.logits, data.y_test))
+    grid = purification_grid(
+        det, Features(val.feats, val.logits, data.y_val), Features(test.feats, test.logits, data.y_test)
+    )
     print(grid.to_markdown())
     c = grid.chosen
-    print(f"\nchosen on validation: ε={c.lr:g}, ν={c.nu:g}: test {100 * c.test_before:.2f}% -> "
-          f"{100 * c.test_after:.2f}% ({c.test_fixed} fixed, {c.test_new_mistakes} new mistakes)")
+    print(
+        f"\nchosen on validation: ε={c.lr:g}, ν={c.nu:g}: test {100 * c.test_before:.2f}% -> "
+        f"{100 * c.test_after:.2f}% ({c.test_fixed} fixed, {c.test_new_mistakes} new mistakes)"
+    )
 
 
 if __name__ == "__main__":
