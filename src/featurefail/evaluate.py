@@ -103,8 +103,8 @@ class EvalResult:
             out.append("|---|---|---|---|---|")
             for r in rows:
                 out.append(
-                    f"| {r.scorer} | {_pm(r.auroc, r.auroc_std)} | {_pm(r.aupr_in, r.aupr_in_std)} | "
-                    f"{_pm(r.aupr_out, r.aupr_out_std)} | {_pm(r.fpr95, r.fpr95_std)} |"
+                    f"| {r.scorer} | {_pm(r.auroc, r.auroc_std, r.seeds)} | {_pm(r.aupr_in, r.aupr_in_std, r.seeds)} | "
+                    f"{_pm(r.aupr_out, r.aupr_out_std, r.seeds)} | {_pm(r.fpr95, r.fpr95_std, r.seeds)} |"
                 )
             out.append("")
         if self.mann_whitney:
@@ -133,8 +133,8 @@ class EvalResult:
         return path
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std > 0 else f"{100 * mean:.2f}"
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if seeds > 1 else f"{100 * mean:.2f}"
 
 
 def _features(

@@ -23,7 +23,7 @@ class TiedGaussians:
     """Class-conditional Gaussians sharing one covariance, in float64.
 
     ``Σ = (1/N) Σ_n (f_n − μ_{y_n})(f_n − μ_{y_n})ᵀ``, optionally shrunk toward ``(tr Σ / D)·I`` by
-    ``shrinkage`` (0 = maximum likelihood), inverted by a Cholesky solve.
+    ``shrinkage`` (0 = maximum likelihood), and pseudo-inverted (``Σ⁺``, as in Lee et al.'s code).
     """
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, shrinkage: float = 0.0) -> None:
@@ -37,10 +37,9 @@ class TiedGaussians:
         if not torch.isfinite(scale) or scale <= 0:
             scale = torch.tensor(1.0, dtype=torch.float64)
         cov = (1.0 - shrinkage) * cov + shrinkage * scale * torch.eye(d, dtype=torch.float64)
-        # a tiny ridge keeps rank-deficient covariances (e.g. dead ReLU units) invertible
-        cov = cov + 1e-10 * scale * torch.eye(d, dtype=torch.float64)
-        chol = torch.linalg.cholesky(cov)
-        self.precision = torch.cholesky_inverse(chol)
+        # pseudo-inverse, as scikit-learn's EmpiricalCovariance (used by Lee et al.): directions without
+        # variance in the training features (dead ReLU units) are ignored instead of dominating every distance
+        self.precision = torch.linalg.pinv(cov, hermitian=True)
         self._mean_terms = ((self.means @ self.precision) * self.means).sum(1)  # μᵀ P μ, (C,)
 
     def squared_distances(self, feats: torch.Tensor) -> torch.Tensor:
