@@ -100,3 +100,38 @@ def test_concurrent_scores_equal_serial(resnet_detector):
         threaded = list(pool.map(det.score, chunks))
     for a, b in zip(serial, threaded, strict=True):
         assert torch.equal(a, b)
+
+
+def test_serving_example_scores_a_batch_file(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("serve_example", root / "examples" / "serve.py")
+    serve_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_example)
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    x = torch.rand(200, 1, 4, 4)
+    det = FailureDetector(n_components=3, progress=False).fit(net, [(x,)])
+    det.threshold_ = float(det.score(x).quantile(0.1))
+    det.save(tmp_path / "det.safetensors")
+    batch = (np.random.default_rng(0).random((7, 4, 4, 1)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "batch.npz", x=batch)
+    rows = serve_example.serve(
+        f"{tmp_path / 'net.py'}:make",
+        str(tmp_path / "net.pt"),
+        str(tmp_path / "det.safetensors"),
+        str(tmp_path / "batch.npz"),
+    )
+    images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    expected = det.score(images)
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-5)
+    assert [r["likely_failure"] for r in rows] == (expected < det.threshold_).tolist()
