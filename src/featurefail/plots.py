@@ -22,6 +22,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG (creating the folder), close it and return the path."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _finite(values: Any) -> np.ndarray:
     a = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).ravel()
     return a[np.isfinite(a)]
@@ -61,12 +72,7 @@ def score_histogram(
     if title:
         ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def roc_pr_curves(scores: Mapping[str, tuple[Any, Any]], path: str | Path, *, title: str = "") -> Path:
@@ -99,12 +105,7 @@ def roc_pr_curves(scores: Mapping[str, tuple[Any, Any]], path: str | Path, *, ti
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def reliability_diagram(
@@ -133,12 +134,7 @@ def reliability_diagram(
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def write_report(

@@ -28,7 +28,8 @@ class MaxLogit:
         return self
 
     def score(self, features: Features) -> torch.Tensor:
-        check_features(features, logits=True, who="MaxLogit") if features.logits is None else None
+        if features.logits is None:
+            check_features(features, logits=True, who="MaxLogit")
         return _max_logit(features.logits)
 
     def as_module(self) -> torch.nn.Module:

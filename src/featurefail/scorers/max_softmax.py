@@ -28,7 +28,8 @@ class MaxSoftmax:
         return self
 
     def score(self, features: Features) -> torch.Tensor:
-        check_features(features, logits=True, who="MaxSoftmax") if features.logits is None else None
+        if features.logits is None:
+            check_features(features, logits=True, who="MaxSoftmax")
         return _max_softmax(features.logits)
 
     def as_module(self) -> torch.nn.Module:

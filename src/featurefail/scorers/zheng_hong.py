@@ -56,7 +56,8 @@ class ZhengHong:
         return torch.stack([g.score_samples(feats).float().cpu() for g in self.class_gmms_], dim=1)
 
     def score(self, features: Features) -> torch.Tensor:
-        check_features(features, logits=True, who="ZhengHong") if features.logits is None else None
+        if features.logits is None:
+            check_features(features, logits=True, who="ZhengHong")
         all_classes = self.class_log_likelihoods(features.feats)
         predicted = features.logits.argmax(dim=1)
         column = torch.searchsorted(self.classes_, predicted).clamp_max(len(self.classes_) - 1)
