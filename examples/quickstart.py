@@ -19,6 +19,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int = 128) -> list[tuple[tor
 
 
 def main() -> None:
+    torch.manual_seed(0)
     data = load_digits_splits(seed=0)
     model = train_classifier(DigitsCNN(), data.x_train, data.y_train, epochs=12)
 

@@ -31,3 +31,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_demo_parser_defaults():
     args = build_parser().parse_args(["demo"])
     assert args.seed == 0 and args.n_components == 10 and not args.no_plot
+
+
+def test_quickstart_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "mistakes AUROC" in out and "OOD AUROC" in out

@@ -236,3 +236,26 @@ def test_detector_temperature_reliability_story(tiny_task, tmp_path):
     f = det.features(te[0])
     path = reliability_diagram(f.logits, te[1], tmp_path / "rel.png", temperature=det.scorer_.temperature_)
     assert path.stat().st_size > 5000
+
+
+def test_dataset_and_folder_sources(tmp_path):
+    from PIL import Image
+
+    from featurefail.ood import DatasetImages, ImageFolder, load_images
+
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)) for _ in range(4)]
+    data = DatasetImages([(im, i % 2) for i, im in enumerate(pil)], size=8, channels=1)
+    assert data.images.shape == (4, 1, 8, 8) and data.labels.tolist() == [0, 1, 0, 1]
+    unlabelled = DatasetImages([torch.rand(3, 8, 8) for _ in range(3)])
+    assert unlabelled.labels is None and unlabelled.images.shape == (3, 3, 8, 8)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for j in range(2):
+            pil[j].save(tmp_path / "imgs" / cls / f"{j}.png")
+    folder = load_images(tmp_path / "imgs", size=16)
+    assert isinstance(folder, ImageFolder) and folder.classes == ["cat", "dog"]
+    assert folder.images.shape == (4, 3, 16, 16) and folder.labels.tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(
+        ImageFolder(tmp_path / "imgs").images[0].permute(1, 2, 0).numpy() * 255, np.asarray(pil[0]), atol=1e-3
+    )

@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, holdout_split, parse_attack
     from .loading import load_model
-    from .ood import NpzImages
+    from .ood import load_images
     from .plots import write_report
 
     def say(message: str) -> None:
@@ -29,12 +29,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         parse_attack(spec)
     model, hooked = load_model(args.model, args.weights, args.torchscript)
     say("loading data")
-    train = NpzImages(args.train, limit=args.limit_train)
-    test = NpzImages(args.test, limit=args.limit_test)
+    train = load_images(args.train, limit=args.limit_train)
+    test = load_images(args.test, limit=args.limit_test)
     if train.labels is None or test.labels is None:
-        raise SystemExit("--train and --test need labels (an array 'y' in the .npz)")
+        raise SystemExit("--train and --test need labels (an array 'y' in the .npz, or class sub-folders)")
     if args.val:
-        val = NpzImages(args.val)
+        val = load_images(args.val)
         x_train, y_train, x_val, y_val = train.images, train.labels, val.images, val.labels
     else:
         train_idx, val_idx = holdout_split(len(train), args.val_fraction)
@@ -46,7 +46,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         name, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"--ood needs name=path, got {item!r}")
-        ood[name] = NpzImages(path, size=shape[-1], channels=shape[0], limit=args.limit_test).images
+        ood[name] = load_images(path, size=shape[-1], channels=shape[0], limit=args.limit_test).images
     options: dict[str, dict] = {"gmm": {"n_components": args.n_components}}
     for item in args.option:
         key, _, raw = item.partition("=")
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="'package.module:factory' or 'file.py:factory' returning the nn.Module")
     src.add_argument("--weights", help="state dict for --model (.pt read with weights_only=True, or .safetensors)")
     src.add_argument("--torchscript", help="a TorchScript file whose forward returns (logits, features)")
-    data = ev.add_argument_group("data (.npz files with x: uint8 (N,H,W,C) and y: int (N,))")
+    data = ev.add_argument_group(
+        "data (.npz files with x: uint8 (N,H,W,C) and y: int (N,), or image folders root/<class>/*.png)"
+    )
     data.add_argument("--train", required=True, help="training set (fits the scorers)")
     data.add_argument("--test", required=True, help="test set (mistakes, attacks, normal samples)")
     data.add_argument("--val", help="labelled validation set (default: --val-fraction of --train)")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NpzImages", "gaussian_noise", "uniform_noise"]
+__all__ = ["DatasetImages", "ImageFolder", "NpzImages", "gaussian_noise", "load_images", "uniform_noise"]
 
 
 def gaussian_noise(reference: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -91,3 +91,93 @@ def to_format(images: torch.Tensor, size: int | None = None, channels: int | Non
     if size is not None and images.shape[-2:] != (size, size):
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return images.clamp_(0.0, 1.0)
+
+
+def _to_chw(item: Any) -> torch.Tensor:
+    """A PIL image, ``(H, W[, C])`` array or ``(C, H, W)`` tensor as a float ``(C, H, W)`` tensor in [0, 1]."""
+    if isinstance(item, torch.Tensor):
+        t = item.float()
+        if t.ndim == 2:
+            t = t[None]
+        return t / 255.0 if item.dtype == torch.uint8 else t
+    arr = np.array(item)  # a copy: PIL exposes read-only buffers
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    t = torch.from_numpy(arr).permute(2, 0, 1).float()
+    return t / 255.0 if arr.dtype == np.uint8 else t
+
+
+class DatasetImages:
+    """Images (and labels) from any map-style dataset yielding ``image`` or ``(image, label)`` — torchvision
+    datasets (``pip install torchvision``) included; images may be PIL images, arrays or tensors.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32 in [0, 1], resized to ``size`` and converted to ``channels``.
+        labels: ``(N,)`` int64, or None when the dataset yields images only.
+    """
+
+    def __init__(
+        self, dataset: Any, size: int | None = None, channels: int | None = None, limit: int | None = None
+    ) -> None:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        images, labels = [], []
+        for i in range(n):
+            item = dataset[i]
+            if isinstance(item, tuple | list):
+                image, label = item[0], item[1] if len(item) > 1 else None
+            else:
+                image, label = item, None
+            one = _to_chw(image)[None]
+            images.append(to_format(one, size=size, channels=channels))
+            if label is not None:
+                labels.append(int(label))
+        if not images:
+            raise ValueError("the dataset is empty")
+        self.images = torch.cat(images)
+        self.labels = torch.tensor(labels, dtype=torch.int64) if len(labels) == n else None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class ImageFolder(DatasetImages):
+    """Images from a folder: ``root/<class>/*.png|jpg`` (labels = sorted class folders) or ``root/*.png|jpg``
+    (no labels). Needs Pillow (``pip install 'featurefail[demo]'``)."""
+
+    _SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+    def __init__(
+        self, root: str | Path, size: int | None = None, channels: int | None = None, limit: int | None = None
+    ) -> None:
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise ImportError("ImageFolder needs Pillow: pip install 'featurefail[demo]'") from exc
+        root = Path(root)
+        classes = sorted(p for p in root.iterdir() if p.is_dir())
+        if classes:
+            files = [
+                (f, label)
+                for label, c in enumerate(classes)
+                for f in sorted(c.iterdir())
+                if f.suffix.lower() in self._SUFFIXES
+            ]
+        else:
+            files = [(f, None) for f in sorted(root.iterdir()) if f.suffix.lower() in self._SUFFIXES]
+        if not files:
+            raise ValueError(f"no images found in {root}")
+        self.classes = [c.name for c in classes]
+
+        def read(path: Path) -> np.ndarray:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+
+        items = [(read(f), label) if label is not None else read(f) for f, label in files]
+        super().__init__(items, size=size, channels=channels, limit=limit)
+
+
+def load_images(
+    path: str | Path, size: int | None = None, channels: int | None = None, limit: int | None = None
+) -> NpzImages | ImageFolder:
+    """An ``.npz`` file (:class:`NpzImages`) or a folder of images (:class:`ImageFolder`)."""
+    return ImageFolder(path, size, channels, limit) if Path(path).is_dir() else NpzImages(path, size, channels, limit)

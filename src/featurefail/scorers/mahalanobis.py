@@ -45,8 +45,9 @@ class TiedGaussians:
     def squared_distances(self, feats: torch.Tensor) -> torch.Tensor:
         """``d²_c(f) = (f − μ_c)ᵀ Σ⁻¹ (f − μ_c)``: ``(N, D) -> (N, C)``, differentiable in ``feats``."""
         f = feats.double()
-        fp = f @ self.precision
-        return ((fp * f).sum(1, keepdim=True) - 2.0 * fp @ self.means.T + self._mean_terms).clamp_min(0.0)
+        precision, means = self.precision.to(f.device), self.means.to(f.device)
+        fp = f @ precision
+        return ((fp * f).sum(1, keepdim=True) - 2.0 * fp @ means.T + self._mean_terms.to(f.device)).clamp_min(0.0)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}classes": self.classes, f"{prefix}means": self.means, f"{prefix}precision": self.precision}
@@ -132,9 +133,10 @@ class Mahalanobis:
 
     def _layer_feats(self, hook: FeatureHook, x: torch.Tensor) -> torch.Tensor:
         out = []
+        device = _model_device(hook.model)
         with hook, torch.no_grad():
             for chunk in torch.split(x, self.batch_size):
-                out.append(hook(chunk)[0].double().cpu())
+                out.append(hook(chunk.to(device))[0].double().cpu())
         return torch.cat(out)
 
     def fit(self, features: Features) -> Mahalanobis:
@@ -177,8 +179,10 @@ class Mahalanobis:
         total = torch.zeros(len(features), dtype=torch.float64)
         for w, hook, g in zip(weights, self._hooks(), self.gaussians_, strict=True):
             scores = []
+            device = _model_device(hook.model)
             with hook:
                 for x in torch.split(features.inputs, self.batch_size):
+                    x = x.to(device)
                     if eps > 0:
                         x_in = x.clone().requires_grad_(True)
                         with torch.enable_grad():
@@ -214,3 +218,8 @@ class Mahalanobis:
         self.gaussians_ = [TiedGaussians.from_state(state, f"layer{i}.") for i in range(int(state["n_layers"]))]
         self.epsilon_ = float(state["fitted_epsilon"])
         return self
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
