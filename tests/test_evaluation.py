@@ -259,3 +259,28 @@ def test_dataset_and_folder_sources(tmp_path):
     np.testing.assert_allclose(
         ImageFolder(tmp_path / "imgs").images[0].permute(1, 2, 0).numpy() * 255, np.asarray(pil[0]), atol=1e-3
     )
+
+
+def test_collected_data_round_trips_and_rescoring_equals_evaluate(tiny_task, tmp_path):
+    from featurefail.evaluate import EvalData, collect, evaluate_features
+
+    model, tr, va, te = tiny_task
+    data = collect(model, tr, va, te, ood={"noise": gaussian_noise(tr[0], 40)}, attacks=["fgsm:0.1"])
+    data.save(tmp_path / "cache.safetensors")
+    back = EvalData.load(tmp_path / "cache.safetensors")
+    assert [s.name for s in back.sources] == [s.name for s in data.sources]
+    assert torch.equal(back.test.feats, data.test.feats) and torch.equal(
+        back.sources[0].normal_mask, data.sources[0].normal_mask
+    )
+    direct = evaluate(
+        model,
+        tr,
+        va,
+        te,
+        scorers=["gmm", "max_logit"],
+        scorer_options={"gmm": {"n_components": 3}},
+        ood={"noise": gaussian_noise(tr[0], 40)},
+        attacks=["fgsm:0.1"],
+    )
+    cached = evaluate_features(back, scorers=["gmm", "max_logit"], scorer_options={"gmm": {"n_components": 3}})
+    assert [(r.source, r.scorer, r.auroc) for r in cached.rows] == [(r.source, r.scorer, r.auroc) for r in direct.rows]

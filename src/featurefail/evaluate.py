@@ -32,7 +32,17 @@ from .hooks import FeatureHook
 from .scorers.base import get_scorer
 from .stats import mann_whitney
 
-__all__ = ["EvalResult", "EvalRow", "evaluate", "holdout_split", "parse_attack"]
+__all__ = [
+    "EvalData",
+    "EvalResult",
+    "EvalRow",
+    "Source",
+    "collect",
+    "evaluate",
+    "evaluate_features",
+    "holdout_split",
+    "parse_attack",
+]
 
 
 def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +181,189 @@ def _attack(
     return torch.cat(out)
 
 
+@dataclass
+class Source:
+    """One failure source: its failure features and which test samples count as normal against it."""
+
+    name: str
+    kind: str
+    failures: Features
+    normal_mask: torch.Tensor
+
+
+@dataclass
+class EvalData:
+    """Everything the scorers see: clean train/validation/test features and the failure sources.
+
+    ``save``/``load`` cache it as one safetensors file, so re-scoring needs no forward passes or attacks.
+    """
+
+    train: Features
+    val: Features
+    test: Features
+    sources: list[Source] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+
+        def put(prefix: str, f: Features) -> None:
+            for key in ("feats", "logits", "labels", "inputs"):
+                value = getattr(f, key)
+                if value is not None:
+                    tensors[f"{prefix}.{key}"] = value.clone().contiguous()
+
+        put("train", self.train)
+        put("val", self.val)
+        put("test", self.test)
+        for i, src in enumerate(self.sources):
+            put(f"source{i}", src.failures)
+            tensors[f"source{i}.normal_mask"] = src.normal_mask.clone().contiguous()
+        meta = {"sources": json.dumps([[src.name, src.kind] for src in self.sources])}
+        save_file(tensors, str(path), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalData:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+
+        def get(prefix: str) -> Features:
+            return Features(*(tensors.get(f"{prefix}.{key}") for key in ("feats", "logits", "labels", "inputs")))
+
+        sources = [
+            Source(name, kind, get(f"source{i}"), tensors[f"source{i}.normal_mask"])
+            for i, (name, kind) in enumerate(json.loads(meta["sources"]))
+        ]
+        return cls(get("train"), get("val"), get("test"), sources)
+
+
+def collect(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    ood: Mapping[str, torch.Tensor] | None = None,
+    attacks: Sequence[str] = (),
+    layer: str | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    bim_steps: int = 10,
+    keep_inputs: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> EvalData:
+    """Extract clean features, craft the attacks and extract every failure source (see the module docstring)."""
+    say = progress or (lambda message: None)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+
+    def make_hook() -> FeatureHook:
+        return FeatureHook(model, layer=layer)
+
+    say("extracting features of train / validation / test")
+    f_train = _features(model, *train, make_hook, keep_inputs, batch_size, dev)
+    f_val = _features(model, *val, make_hook, keep_inputs, batch_size, dev)
+    f_test = _features(model, *test, make_hook, keep_inputs, batch_size, dev)
+    correct = f_test.correct
+    data = EvalData(f_train, f_val, f_test)
+    if (~correct).any() and correct.any():
+        data.sources.append(Source("test mistakes", "mistakes", f_test.subset(~correct), correct))
+    clean_x, clean_y = test[0][correct], test[1][correct]
+    for spec in attacks:
+        kind, eps = parse_attack(spec)
+        say(f"crafting {kind} adversarial examples, eps={eps:.4g}")
+        adv_x = _attack(model, kind, eps, clean_x, clean_y, batch_size, dev, bim_steps)
+        f_adv = _features(model, adv_x, clean_y, make_hook, keep_inputs, batch_size, dev)
+        fooled = ~f_adv.correct
+        if fooled.any():
+            data.sources.append(Source(f"{kind} ε={eps:.4g}", "adversarial", f_adv.subset(fooled), correct))
+    for name, x_ood in (ood or {}).items():
+        if tuple(x_ood.shape[1:]) != tuple(test[0].shape[1:]):
+            raise ValueError(
+                f"OOD set {name!r} has shape {tuple(x_ood.shape[1:])}, the test inputs "
+                f"{tuple(test[0].shape[1:])}; resize it first (featurefail.ood.NpzImages(size=...))"
+            )
+        f_ood = _features(model, x_ood, None, make_hook, keep_inputs, batch_size, dev)
+        data.sources.append(Source(f"ood: {name}", "ood", f_ood, torch.ones_like(correct)))
+    return data
+
+
+def evaluate_features(
+    data: EvalData,
+    *,
+    scorers: Sequence[str] = ("gmm", "max_softmax"),
+    scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
+    seeds: Sequence[int] = (0,),
+    model: nn.Module | None = None,
+    layer: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Fit every scorer on ``data.train`` (and ``data.val`` through ``fit_validation``) for every seed and score
+    every source. ``model`` is needed only by scorers with ``attach`` (Mahalanobis preprocessing)."""
+    say = progress or (lambda message: None)
+    options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+    correct = data.test.correct
+    result = EvalResult(accuracy=float(correct.float().mean()))
+    per_seed: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    for seed in seeds:
+        for name in scorers:
+            say(f"seed {seed}: fitting {name}")
+            scorer = get_scorer(name, **_seeded(name, options.get(name, {}), seed))
+            attach = getattr(scorer, "attach", None)
+            if callable(attach) and model is not None:
+                attach(model, lambda m: FeatureHook(m, layer=layer))
+            scorer.fit(data.train)
+            fit_validation = getattr(scorer, "fit_validation", None)
+            if callable(fit_validation):
+                fit_validation(data.val)
+            _assert_only_clean_data_fitted(data.train, data.val, data.sources)
+            s_test = _score(scorer, data.test)
+            if seed == seeds[0] and (~correct).any() and correct.any():
+                mw = mann_whitney(s_test[correct], s_test[~correct])
+                result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
+            for src in data.sources:
+                normal = s_test[src.normal_mask]
+                failed = _score(scorer, src.failures)
+                per_seed.setdefault((name, src.name), []).append(
+                    (
+                        metrics.auroc(normal, failed),
+                        metrics.aupr_in(normal, failed),
+                        metrics.aupr_out(normal, failed),
+                        metrics.fpr_at_tpr(normal, failed, 0.95),
+                    )
+                )
+                if seed == seeds[0]:
+                    result.scores.setdefault(src.name, {})[name] = (normal.numpy(), failed.numpy())
+    for src in data.sources:
+        for name in scorers:
+            values = np.asarray(per_seed[(name, src.name)])
+            mean, std = values.mean(0), values.std(0)
+            result.rows.append(
+                EvalRow(
+                    scorer=name,
+                    source=src.name,
+                    kind=src.kind,
+                    n_normal=int(src.normal_mask.sum()),
+                    n_failure=len(src.failures),
+                    auroc=float(mean[0]),
+                    auroc_std=float(std[0]),
+                    aupr_in=float(mean[1]),
+                    aupr_in_std=float(std[1]),
+                    aupr_out=float(mean[2]),
+                    aupr_out_std=float(std[2]),
+                    fpr95=float(mean[3]),
+                    fpr95_std=float(std[3]),
+                    seeds=len(seeds),
+                )
+            )
+    return result
+
+
 def evaluate(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -188,13 +381,13 @@ def evaluate(
     bim_steps: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Run every scorer on every failure source for every seed.
+    """Run every scorer on every failure source for every seed: :func:`collect` then :func:`evaluate_features`.
 
     Args:
         model: the classifier (inputs in [0, 1], normalisation inside).
         train, val, test: ``(x, y)`` tensors; labels of ``train`` are used only by scorers that need them.
         scorers: registered scorer names.
-        scorer_options: per-scorer keyword arguments (``seed``/``random_state`` is set per seed).
+        scorer_options: per-scorer keyword arguments (the scorer's ``seed``/``random_state`` is set per seed).
         ood: name -> ``(M, ...)`` out-of-distribution inputs shaped like ``test[0]``.
         attacks: specs like ``"fgsm:0.03"`` or ``"bim:8/255"`` (crafted on the test set).
         seeds: one fit of every scorer per seed; rows report mean ± std.
@@ -203,103 +396,27 @@ def evaluate(
     Returns:
         :class:`EvalResult`.
     """
-    say = progress or (lambda message: None)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(dev).eval()
     options = {k: dict(v) for k, v in (scorer_options or {}).items()}
-    probe = [get_scorer(n, **_seeded(n, options.get(n, {}), 0)) for n in scorers]
-    keep_inputs = any(getattr(s, "requires_inputs", False) for s in probe)
-
-    def make_hook() -> FeatureHook:
-        return FeatureHook(model, layer=layer)
-
-    say("extracting features of train / validation / test")
-    f_train = _features(model, *train, make_hook, keep_inputs, batch_size, dev)
-    f_val = _features(model, *val, make_hook, keep_inputs, batch_size, dev)
-    f_test = _features(model, *test, make_hook, keep_inputs, batch_size, dev)
-    correct = f_test.correct
-    result = EvalResult(accuracy=float(correct.float().mean()))
-
-    sources: list[tuple[str, str, Features, torch.Tensor]] = []  # (name, kind, failure features, normal mask)
-    if (~correct).any() and correct.any():
-        sources.append(("test mistakes", "mistakes", f_test.subset(~correct), correct))
-    clean_x, clean_y = test[0][correct], test[1][correct]
-    for spec in attacks:
-        kind, eps = parse_attack(spec)
-        say(f"crafting {kind} adversarial examples, eps={eps:.4g}")
-        adv_x = _attack(model, kind, eps, clean_x, clean_y, batch_size, dev, bim_steps)
-        f_adv = _features(model, adv_x, clean_y, make_hook, keep_inputs, batch_size, dev)
-        fooled = ~f_adv.correct
-        if fooled.any():
-            sources.append((f"{kind} ε={eps:.4g}", "adversarial", f_adv.subset(fooled), correct))
-    for name, x_ood in (ood or {}).items():
-        if tuple(x_ood.shape[1:]) != tuple(test[0].shape[1:]):
-            raise ValueError(
-                f"OOD set {name!r} has shape {tuple(x_ood.shape[1:])}, the test inputs "
-                f"{tuple(test[0].shape[1:])}; resize it first (featurefail.ood.NpzImages(size=...))"
-            )
-        sources.append(
-            (
-                f"ood: {name}",
-                "ood",
-                _features(model, x_ood, None, make_hook, keep_inputs, batch_size, dev),
-                torch.ones_like(correct),
-            )
-        )
-
-    per_seed: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
-    for seed in seeds:
-        for name in scorers:
-            say(f"seed {seed}: fitting {name}")
-            scorer = get_scorer(name, **_seeded(name, options.get(name, {}), seed))
-            attach = getattr(scorer, "attach", None)
-            if callable(attach):
-                attach(model, lambda m: make_hook())
-            scorer.fit(f_train)
-            fit_validation = getattr(scorer, "fit_validation", None)
-            if callable(fit_validation):
-                fit_validation(f_val)
-            _assert_only_clean_data_fitted(f_train, f_val, sources)
-            s_test = _score(scorer, f_test)
-            if seed == seeds[0] and (~correct).any() and correct.any():
-                mw = mann_whitney(s_test[correct], s_test[~correct])
-                result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
-            for source, _, failures, normal_mask in sources:
-                normal = s_test[normal_mask]
-                failed = _score(scorer, failures)
-                per_seed.setdefault((name, source), []).append(
-                    (
-                        metrics.auroc(normal, failed),
-                        metrics.aupr_in(normal, failed),
-                        metrics.aupr_out(normal, failed),
-                        metrics.fpr_at_tpr(normal, failed, 0.95),
-                    )
-                )
-                if seed == seeds[0]:
-                    result.scores.setdefault(source, {})[name] = (normal.numpy(), failed.numpy())
-    for source, kind, failures, normal_mask in sources:
-        for name in scorers:
-            values = np.asarray(per_seed[(name, source)])
-            mean, std = values.mean(0), values.std(0)
-            result.rows.append(
-                EvalRow(
-                    scorer=name,
-                    source=source,
-                    kind=kind,
-                    n_normal=int(normal_mask.sum()),
-                    n_failure=len(failures),
-                    auroc=float(mean[0]),
-                    auroc_std=float(std[0]),
-                    aupr_in=float(mean[1]),
-                    aupr_in_std=float(std[1]),
-                    aupr_out=float(mean[2]),
-                    aupr_out_std=float(std[2]),
-                    fpr95=float(mean[3]),
-                    fpr95_std=float(std[3]),
-                    seeds=len(seeds),
-                )
-            )
-    return result
+    keep_inputs = any(
+        getattr(get_scorer(n, **_seeded(n, options.get(n, {}), 0)), "requires_inputs", False) for n in scorers
+    )
+    data = collect(
+        model,
+        train,
+        val,
+        test,
+        ood=ood,
+        attacks=attacks,
+        layer=layer,
+        batch_size=batch_size,
+        device=device,
+        bim_steps=bim_steps,
+        keep_inputs=keep_inputs,
+        progress=progress,
+    )
+    return evaluate_features(
+        data, scorers=scorers, scorer_options=options, seeds=seeds, model=model, layer=layer, progress=progress
+    )
 
 
 def _seeded(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -322,10 +439,10 @@ def _score(scorer: Any, features: Features) -> torch.Tensor:
     return torch.where(bad, torch.full_like(s, -math.inf), s)
 
 
-def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: list) -> None:
+def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: list[Source]) -> None:
     """No failure set may share memory with the features scorers were fitted on."""
     fitted = {f_train.feats.untyped_storage().data_ptr(), f_val.feats.untyped_storage().data_ptr()}
-    for source, _, failures, _ in sources:
-        assert failures.feats.untyped_storage().data_ptr() not in fitted, (
-            f"failure samples of {source!r} share memory with the data a scorer was fitted on"
+    for src in sources:
+        assert src.failures.feats.untyped_storage().data_ptr() not in fitted, (
+            f"failure samples of {src.name!r} share memory with the data a scorer was fitted on"
         )
