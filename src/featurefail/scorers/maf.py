@@ -33,8 +33,8 @@ class MAFScorer:
     original feature space. We use zuko rather than a hand-written flow: it is maintained, small (pure
     PyTorch) and tested; it is the optional extra ``flows``.
 
-    The paper trains with Adam at 1e-2; we default to 1e-3, which trained stably on every feature set we tried,
-    and clip gradients.
+    The paper trains with Adam at 1e-2; the default here is the more conservative 1e-3 with clipped
+    gradients (pass ``lr=1e-2`` for the paper's setting; it was not compared here).
 
     Paper: Papamakarios, Pavlakou & Murray, "Masked autoregressive flow for density estimation", NeurIPS 2017.
     """
