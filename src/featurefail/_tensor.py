@@ -74,11 +74,6 @@ def count_nonfinite_rows(x: torch.Tensor) -> int:
     return int((~torch.isfinite(x)).any(dim=1).sum().item())
 
 
-def resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    """``device`` as a ``torch.device``, or ``fallback`` when it is None."""
-    return fallback if device is None else torch.device(device)
-
-
 def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None = None, leave: bool = False):
     """Wrap ``iterable`` in a tqdm bar when enabled, tqdm is installed and stderr is a terminal."""
     if not enabled or not sys.stderr.isatty():

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .gmm import rescored_log_prob
 from .hooks import default_output_fn, find_layer, pool_features
 
 __all__ = ["DetectorModule", "GMMScoreModule", "LogitScoreModule", "feature_extractor"]
@@ -62,40 +63,27 @@ def feature_extractor(model: nn.Module, layer: str | nn.Module | None, capture_i
 class GMMScoreModule(nn.Module):
     """``log p(F)`` under a fitted :class:`~featurefail.DiagonalGMM` as buffers: ``(N, D) -> (N,)``.
 
-    The same computation as ``DiagonalGMM.score_samples``: a float32 product picks each row's dominant
-    components, which are recomputed exactly in float64 (so a TF32 setting cannot spoil the result).
-    Non-finite rows score ``-inf``. With ``bpd=True`` returns ``log p(F) / (D ln 2)`` (i.e. ``-BPD``).
+    The same computation as ``DiagonalGMM.score_samples`` (:func:`~featurefail.gmm.rescored_log_prob`: a float32
+    product picks each row's dominant components, which are recomputed exactly in float64, so a TF32 setting
+    cannot spoil the result). Non-finite rows score ``-inf``. With ``bpd=True`` returns ``log p(F) / (D ln 2)``
+    (i.e. ``-BPD``).
     """
 
     def __init__(self, gmm: Any, bpd: bool = False, top: int = 4) -> None:
         super().__init__()
-        center = gmm.center_.detach().double().cpu()
-        means = gmm.means_.detach().double().cpu() - center
-        variances = gmm.covariances_.detach().double().cpu()
-        weights = gmm.weights_.detach().double().cpu()
-        precisions = 1.0 / variances
-        d = means.shape[1]
-        exact_bias = torch.log(weights) - 0.5 * torch.log(variances).sum(1) - 0.5 * d * math.log(2 * math.pi)
-        self.register_buffer("center32", center.float())
-        self.register_buffer("coef", torch.cat([means * precisions, -0.5 * precisions], dim=1).float())
-        self.register_buffer("bias", (exact_bias - 0.5 * (means * means * precisions).sum(1)).float())
-        self.register_buffer("center64", center)
-        self.register_buffer("means64", means)
-        self.register_buffer("precisions64", precisions)
-        self.register_buffer("exact_bias64", exact_bias)
-        self.top = min(top, means.shape[0])
-        self.scale = 1.0 / (d * math.log(2.0)) if bpd else 1.0
+        for name, value in gmm._scoring_parameters().items():
+            self.register_buffer(name, value.detach().cpu().clone())
+        self.top = min(top, gmm.n_components)
+        self.scale = 1.0 / (gmm.n_features_in_ * math.log(2.0)) if bpd else 1.0
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         x = feats.float()
         finite = torch.isfinite(x).all(dim=1)
         x = torch.where(finite[:, None], x, torch.zeros_like(x))
-        xc = x - self.center32
-        lp = torch.addmm(self.bias, torch.cat([xc, xc * xc], dim=1), self.coef.T).double()
-        idx = lp.topk(self.top, dim=1).indices
-        diff = (x.double() - self.center64)[:, None, :] - self.means64[idx]
-        exact = self.exact_bias64[idx] - 0.5 * (diff * diff * self.precisions64[idx]).sum(-1)
-        score = torch.logsumexp(lp.scatter(1, idx, exact), dim=1) * self.scale
+        lp = rescored_log_prob(
+            x, self.coef, self.bias, self.center, self.means64, self.precisions64, self.exact_bias64, self.top
+        )
+        score = torch.logsumexp(lp, dim=1) * self.scale
         return torch.where(finite, score, torch.full_like(score, -math.inf)).float()
 
 

@@ -131,6 +131,34 @@ def component_log_prob(xx: torch.Tensor, coef: torch.Tensor, bias: torch.Tensor)
     return torch.addmm(bias, xx, coef.T)
 
 
+def rescored_log_prob(
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    bias: torch.Tensor,
+    center: torch.Tensor,
+    means64: torch.Tensor,
+    precisions64: torch.Tensor,
+    exact_bias64: torch.Tensor,
+    top: int,
+) -> torch.Tensor:
+    """``log π_k N(x | k)`` of every row and component, ``(n, D) -> (n, K)`` in float64.
+
+    The product form runs in ``coef.dtype``; in float32 its rounding grows with ``x²/σ²``, so the ``top`` largest
+    entries of each row, which carry the log-likelihood, are recomputed directly as
+    ``b_k − ½ Σ_d (x_d − μ_kd)² / σ²_kd`` in float64 (``means64`` centred on ``center``, ``exact_bias64`` =
+    ``log π_k − ½ Σ log σ²_k − D/2 log 2π``). Differentiable in ``x``; used by ``DiagonalGMM`` and by the
+    exportable ``GMMScoreModule``.
+    """
+    centre64 = center.double()
+    lp = component_log_prob(squared_features(x.to(coef.dtype) - center.to(coef.dtype)), coef, bias).double()
+    if coef.dtype == torch.float64 or top == 0:
+        return lp
+    idx = lp.detach().topk(top, dim=1).indices
+    diff = (x.double() - centre64)[:, None, :] - means64[idx]
+    exact = exact_bias64[idx] - 0.5 * (diff * diff * precisions64[idx]).sum(-1)
+    return lp.scatter(1, idx, exact)
+
+
 def m_step(
     counts: torch.Tensor, sums: torch.Tensor, floor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -754,24 +782,20 @@ class DiagonalGMM:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
 
     def _scoring_parameters(self) -> dict[str, torch.Tensor]:
+        """Tensors of :func:`rescored_log_prob` for the fitted state (cached until the state changes)."""
         cache = self._cache
         if cache is None:
             centred_means = self.means_ - self.center_
             coef, bias = natural_parameters(self.weights_, centred_means, self.covariances_, self.dtype)
-            precisions = 1.0 / self.covariances_
-            exact_bias = (
-                torch.log(self.weights_)
-                - 0.5 * torch.log(self.covariances_).sum(1)
-                - 0.5 * self.n_features_in_ * LOG_2PI
-            )
             cache = {
                 "coef": coef,
                 "bias": bias,
-                "center": self.center_.to(self.dtype),
-                "center64": self.center_,
+                "center": self.center_,
                 "means64": centred_means,
-                "precisions64": precisions,
-                "exact_bias64": exact_bias,
+                "precisions64": 1.0 / self.covariances_,
+                "exact_bias64": torch.log(self.weights_)
+                - 0.5 * torch.log(self.covariances_).sum(1)
+                - 0.5 * self.n_features_in_ * LOG_2PI,
             }
             self._cache = cache
         return cache
@@ -787,24 +811,12 @@ class DiagonalGMM:
         return x, finite
 
     def _component_log_prob_chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        """``log π_k N(x | k)`` per chunk, ``(n, K)`` float64.
-
-        The product form runs in ``self.dtype``; in float32 its rounding grows with ``x²/σ²``, so the
-        ``_EXACT_TOP`` largest entries of each row, which carry the log-likelihood, are recomputed directly
-        as ``b_k - ½ Σ_d (x_d - μ_kd)² / σ²_kd`` in float64.
-        """
+        """:func:`rescored_log_prob` chunk by chunk: ``(n, K)`` float64 each."""
         p = self._scoring_parameters()
         chunk = self.chunk_size or auto_chunk_size(self.n_components, self.n_features_in_, self.device_, self.dtype)
         top = min(_EXACT_TOP, self.n_components)
         for piece in torch.split(x, chunk):
-            lp = component_log_prob(squared_features(piece.to(self.dtype) - p["center"]), p["coef"], p["bias"])
-            lp = lp.double()
-            if self.dtype != torch.float64:
-                idx = lp.detach().topk(top, dim=1).indices
-                diff = (piece.double() - p["center64"])[:, None, :] - p["means64"][idx]
-                exact = p["exact_bias64"][idx] - 0.5 * (diff * diff * p["precisions64"][idx]).sum(-1)
-                lp = lp.scatter(1, idx, exact)
-            yield lp
+            yield rescored_log_prob(piece, top=top, **p)
 
     def score_samples(self, X: Any) -> torch.Tensor:
         """Log-likelihood of each row, ``log p(x_n)``: ``(N, D) -> (N,)`` on the estimator's device.
