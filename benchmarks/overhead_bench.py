@@ -14,52 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from featurefail import FailureDetector
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet20(nn.Module):
-    """ResNet-20 for 32×32 inputs (He et al., 2016), per-channel standardisation inside the model."""
-
-    def __init__(self, n_classes: int = 10) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1))
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        layers, c = [], 16
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
-                layers.append(BasicBlock(c, width, stride if i == 0 else 1))
-                c = width
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layers(self.stem((x - self.mean) / self.std))
-        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cifar10"))
+from models import ResNet20
 
 
 def median_time(fn, device: str, repeats: int) -> float:
