@@ -281,7 +281,9 @@ def collect(
         f_adv = _features(model, adv_x, clean_y, make_hook, keep_inputs, batch_size, dev)
         fooled = ~f_adv.correct
         if fooled.any():
-            data.sources.append(Source(f"{kind} ε={eps:.4g}", "adversarial", f_adv.subset(fooled), correct))
+            data.sources.append(
+                Source(f"{kind} ε={spec.split(':', 1)[1]}", "adversarial", f_adv.subset(fooled), correct)
+            )
     for name, x_ood in (ood or {}).items():
         if tuple(x_ood.shape[1:]) != tuple(test[0].shape[1:]):
             raise ValueError(
