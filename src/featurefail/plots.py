@@ -63,10 +63,13 @@ def score_histogram(
     lo, hi = np.percentile(everything, [0.5, 99.5])
     edges = np.linspace(lo, hi, bins + 1)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, values in data.items():
+    colours = plt.get_cmap("tab10" if len(data) <= 10 else "tab20").colors
+    for i, (name, values) in enumerate(data.items()):
         dropped = len(np.asarray(groups[name]).ravel()) - values.size if hasattr(groups[name], "__len__") else 0
         label = f"{name} (n={values.size}" + (f", {dropped} non-finite" if dropped else "") + ")"
-        ax.hist(np.clip(values, lo, hi), bins=edges, density=True, alpha=0.5, label=label)
+        ax.hist(
+            np.clip(values, lo, hi), bins=edges, density=True, alpha=0.5, label=label, color=colours[i % len(colours)]
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     if title:
@@ -157,8 +160,14 @@ def write_report(
         figures = False
         lines.append("(install matplotlib for figures: pip install 'featurefail[plots]')")
     if figures:
+        # one histogram stays legible with a handful of groups: all non-adversarial sources and, per attack,
+        # only its last (largest) ε
+        kinds = {row.source: row.kind for row in result.rows}
+        last_attack = {source.split()[0]: source for source in result.scores if kinds.get(source) == "adversarial"}
+        shown = [s for s in result.scores if kinds.get(s) != "adversarial" or s in last_attack.values()]
         groups: dict[str, Any] = {}
-        for source, by_scorer in result.scores.items():
+        for source in shown:
+            by_scorer = result.scores[source]
             if histogram_scorer in by_scorer:
                 normal, failure = by_scorer[histogram_scorer]
                 groups.setdefault("clean (normal)", normal)
