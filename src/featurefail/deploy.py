@@ -87,6 +87,21 @@ class GMMScoreModule(nn.Module):
         return torch.where(finite, score, torch.full_like(score, -math.inf)).float()
 
 
+class TransformedScoreModule(nn.Module):
+    """``score(transform(feats), logits)``: a fitted feature transform in front of a score module."""
+
+    def __init__(self, transform: nn.Module, score: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        self.score = score
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite = torch.isfinite(feats).all(dim=1)
+        safe = torch.where(finite[:, None], feats, torch.zeros_like(feats))
+        out = self.score(self.transform(safe), logits)
+        return torch.where(finite, out, torch.full_like(out, -math.inf))
+
+
 class LogitScoreModule(nn.Module):
     """A score computed from the logits alone: ``fn(logits) -> (N,)`` (max softmax, max logit, ...)."""
 

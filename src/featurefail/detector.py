@@ -43,6 +43,7 @@ class DetectorConfig(BaseModel):
     n_init: int = Field(1, ge=1)
     chunk_size: int | None = Field(None, ge=1)
     score: Literal["loglik", "bpd"] = Field("loglik", description="GMM score: log-likelihood or -bits/dim")
+    preprocess: str | None = Field(None, description="GMM feature preprocessing: standardize, pca[:kept], l2, tanh")
     scorer_options: dict[str, Any] = Field(default_factory=dict)
     layer: str | None = Field(None, description="dotted module name; None = input of the last nn.Linear")
     pool: Literal["avg", "flatten", "none"] = "avg"
@@ -75,6 +76,7 @@ class DetectorConfig(BaseModel):
                 chunk_size=self.chunk_size,
                 random_state=self.seed,
                 device=self.device,
+                preprocess=self.preprocess,
                 **self.scorer_options,
             )
         return dict(self.scorer_options)

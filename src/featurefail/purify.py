@@ -46,17 +46,22 @@ class PurifyResult:
     bpd_history: torch.Tensor | None = None
 
 
-def bpd_gradient(gmm: Any, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BPD(F)`` and ``∇_F BPD(F)`` row by row: ``(N, D) -> (N,), (N, D)``; the GMM gets no gradient."""
+def bpd_gradient(gmm: Any, feats: torch.Tensor, transform: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BPD(F)`` and ``∇_F BPD(F)`` row by row: ``(N, D) -> (N,), (N, D)``; the GMM gets no gradient.
+
+    With ``transform`` (the scorer's fitted preprocessing) the density is that of ``transform(F)``.
+    """
     f = feats.detach().requires_grad_(True)
     with torch.enable_grad():
-        bpd = gmm.bpd(f)
+        bpd = gmm.bpd(transform(f) if transform is not None else f)
         (grad,) = torch.autograd.grad(bpd.sum(), f)
     return bpd.detach(), grad
 
 
-def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head]:
-    gmm = getattr(getattr(detector, "scorer_", None), "gmm", None)
+def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head, Callable | None]:
+    scorer = getattr(detector, "scorer_", None)
+    gmm = getattr(scorer, "gmm", None)
+    transform = getattr(scorer, "transform_", None)
     if gmm is None:
         raise ValueError("purify needs a detector fitted with the GMM scorer (scorer='gmm')")
     if head is None:
@@ -71,7 +76,7 @@ def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head]:
             return torch.nn.functional.linear(f, weight.to(f), bias.to(f))
 
         head = linear_head
-    return gmm, head
+    return gmm, head, transform
 
 
 def purify(
@@ -104,15 +109,16 @@ def purify(
     """
     if steps < 0 or lr <= 0 or nu < 0:
         raise ValueError(f"need steps >= 0, lr > 0 and nu >= 0; got steps={steps}, lr={lr}, nu={nu}")
-    gmm, head = _resolve(detector, head)
+    gmm, head, transform = _resolve(detector, head)
     if isinstance(x_or_features, Features):
         feats = x_or_features.feats
     elif as_features:
         feats = torch.as_tensor(x_or_features)
     else:
         feats = detector.features(x_or_features).feats
-    if feats.ndim != 2 or feats.shape[1] != gmm.n_features_in_:
-        raise ValueError(f"features must be (N, {gmm.n_features_in_}), got {tuple(feats.shape)}")
+    expected = detector.n_features_
+    if feats.ndim != 2 or feats.shape[1] != expected:
+        raise ValueError(f"features must be (N, {expected}), got {tuple(feats.shape)}")
     device = gmm.device_
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f", "before", "after", "hist", "lg", "lg0")}
     for ref in torch.split(feats, batch_size):
@@ -120,10 +126,10 @@ def purify(
         f = ref.clone()
         trace = []
         for _ in range(steps):
-            bpd, grad = bpd_gradient(gmm, f)
+            bpd, grad = bpd_gradient(gmm, f, transform)
             trace.append(bpd)
             f = f - lr * (grad + 2.0 * nu * (f - ref))
-        final = gmm.bpd(f).detach()
+        final = gmm.bpd(transform(f) if transform is not None else f).detach()
         trace.append(final)
         with torch.no_grad():
             out["lg"].append(head(f).float())

@@ -9,6 +9,7 @@ import torch
 
 from ..features import Features
 from ..gmm import DiagonalGMM
+from ..preprocess import make_transform
 from .base import check_features, register_scorer
 
 __all__ = ["GMMScorer"]
@@ -26,6 +27,9 @@ class GMMScorer:
     Args:
         n_components: ``K`` (the paper uses 100 and 1000).
         score: ``"loglik"`` or ``"bpd"`` (negated bits per dimension, so higher is still more normal).
+        preprocess: feature preprocessing fitted on the training features (``None``, ``"standardize"``,
+            ``"pca[:kept]"``, ``"l2"``, ``"tanh"``; see :mod:`featurefail.preprocess`); the mixture then models
+            the transformed features.
         **gmm_kwargs: passed to :class:`~featurefail.DiagonalGMM` (``max_iter``, ``tol``, ``reg_covar``,
             ``init``, ``n_init``, ``random_state``, ``device``, ``chunk_size``).
     """
@@ -38,6 +42,7 @@ class GMMScorer:
         n_components: int = 100,
         score: Literal["loglik", "bpd"] = "loglik",
         random_state: int | None = None,
+        preprocess: str | None = None,
         **gmm_kwargs: Any,
     ):
         if score not in ("loglik", "bpd"):
@@ -45,34 +50,57 @@ class GMMScorer:
         self.n_components = n_components
         self.score_kind = score
         self.random_state = random_state
+        self.preprocess = preprocess
+        self.transform_ = make_transform(preprocess)  # validates the spec now
         self.gmm_kwargs = gmm_kwargs
         self.gmm = DiagonalGMM(n_components, random_state=random_state, **gmm_kwargs)
 
+    def transform(self, feats: torch.Tensor) -> torch.Tensor:
+        """The features the mixture models: ``preprocess`` applied (identity without one)."""
+        return feats if self.transform_ is None else self.transform_(feats)
+
     def fit(self, features: Features) -> GMMScorer:
         check_features(features, who="GMMScorer")
-        self.gmm.fit(features.feats)
+        if self.transform_ is not None:
+            self.transform_.fit(features.feats)
+        self.gmm.fit(self.transform(features.feats))
         return self
 
     def score(self, features: Features) -> torch.Tensor:
-        loglik = self.gmm.score_samples(features.feats)
+        feats = features.feats
+        finite = torch.isfinite(feats).all(dim=1)
+        safe = torch.where(finite[:, None], feats, torch.zeros_like(feats))
+        loglik = self.gmm.score_samples(self.transform(safe))
+        loglik = torch.where(finite.to(loglik.device), loglik, torch.full_like(loglik, -math.inf))
         if self.score_kind == "bpd":
             return loglik / (self.gmm.n_features_in_ * math.log(2.0))
         return loglik
 
     def as_module(self) -> torch.nn.Module:
         """The scoring as a standalone ``nn.Module(feats, logits) -> (N,)`` (for deployment and export)."""
-        from ..deploy import GMMScoreModule
+        from ..deploy import GMMScoreModule, TransformedScoreModule
 
-        return GMMScoreModule(self.gmm, bpd=self.score_kind == "bpd")
+        module = GMMScoreModule(self.gmm, bpd=self.score_kind == "bpd")
+        return module if self.transform_ is None else TransformedScoreModule(self.transform_, module)
 
     def get_config(self) -> dict[str, Any]:
-        config = {"n_components": self.n_components, "score": self.score_kind, "random_state": self.random_state}
+        config = {
+            "n_components": self.n_components,
+            "score": self.score_kind,
+            "random_state": self.random_state,
+            "preprocess": self.preprocess,
+        }
         config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
         return config
 
     def state_dict(self) -> dict[str, Any]:
-        return self.gmm.state_dict()
+        state = self.gmm.state_dict()
+        if self.transform_ is not None:
+            state.update({f"pre.{k}": v for k, v in self.transform_.state().items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> GMMScorer:
-        self.gmm.load_state_dict(state)
+        self.gmm.load_state_dict({k: v for k, v in state.items() if not k.startswith("pre.")})
+        if self.transform_ is not None:
+            self.transform_.load({k[4:]: v for k, v in state.items() if k.startswith("pre.")})
         return self

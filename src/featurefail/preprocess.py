@@ -1,0 +1,104 @@
+"""Feature preprocessing for density scorers, fitted on training features only (no labels).
+
+Each transform is an ``nn.Module`` whose state lives in buffers, so it saves with the detector, runs inside
+``as_module()`` and is differentiable (purification goes through it).
+
+* ``"standardize"``: ``(f − μ) / σ`` per dimension.
+* ``"pca"`` / ``"pca:0.99"``: PCA whitening keeping the leading components that explain that fraction of the
+  variance (default 0.99): ``diag(λ)^{-½} Vᵀ (f − μ)``.
+* ``"l2"``: ``f / ‖f‖₂``.
+* ``"tanh"``: ``tanh((f − μ) / σ)``, a bounded squashing like the paper's tanh feature layer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureTransform", "make_transform"]
+
+
+class FeatureTransform(nn.Module):
+    """``fit(feats)`` on ``(N, D)`` training features, then ``forward(feats) -> (N, D')``."""
+
+    spec: str = ""
+
+    def fit(self, feats: torch.Tensor) -> FeatureTransform:
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+    def load(self, state: dict[str, Any]) -> FeatureTransform:
+        for key, value in state.items():
+            self.register_buffer(key, torch.as_tensor(value))
+        return self
+
+
+class _Standardize(FeatureTransform):
+    def __init__(self, squash: bool = False) -> None:
+        super().__init__()
+        self.squash = squash
+        self.spec = "tanh" if squash else "standardize"
+
+    def fit(self, feats: torch.Tensor) -> FeatureTransform:
+        f = feats.double()
+        std = f.std(0)
+        self.register_buffer("mean", f.mean(0))
+        self.register_buffer("scale", 1.0 / std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12))))
+        return self
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        z = (feats.double() - self.mean) * self.scale
+        return (torch.tanh(z) if self.squash else z).to(feats.dtype)
+
+
+class _PCAWhiten(FeatureTransform):
+    def __init__(self, kept: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 < kept <= 1.0:
+            raise ValueError(f"the kept variance must be in (0, 1], got {kept}")
+        self.kept = kept
+        self.spec = f"pca:{kept:g}"
+
+    def fit(self, feats: torch.Tensor) -> FeatureTransform:
+        f = feats.double()
+        mean = f.mean(0)
+        centred = f - mean
+        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / f.shape[0])
+        eigvals, eigvecs = eigvals.flip(0).clamp_min(0.0), eigvecs.flip(1)
+        share = torch.cumsum(eigvals, 0) / eigvals.sum().clamp_min(1e-300)
+        keep = int(torch.searchsorted(share, torch.tensor(self.kept, dtype=torch.float64)).item()) + 1
+        keep = max(1, min(keep, int((eigvals > 1e-12 * eigvals[0]).sum())))
+        self.register_buffer("mean", mean)
+        self.register_buffer("projection", eigvecs[:, :keep] / eigvals[:keep].sqrt())
+        return self
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return ((feats.double() - self.mean) @ self.projection).to(feats.dtype)
+
+
+class _L2Normalize(FeatureTransform):
+    spec = "l2"
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def make_transform(spec: str | None) -> FeatureTransform | None:
+    """A fresh (unfitted) transform: ``None``, ``"standardize"``, ``"pca"``, ``"pca:0.95"``, ``"l2"`` or ``"tanh"``."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "standardize":
+        return _Standardize()
+    if spec == "tanh":
+        return _Standardize(squash=True)
+    if spec == "l2":
+        return _L2Normalize()
+    match = re.fullmatch(r"pca(?::(0?\.\d+|1(?:\.0*)?))?", spec)
+    if match:
+        return _PCAWhiten(float(match.group(1)) if match.group(1) else 0.99)
+    raise ValueError(f"unknown preprocessing {spec!r}; use None, 'standardize', 'pca[:kept]', 'l2' or 'tanh'")

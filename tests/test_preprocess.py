@@ -1,0 +1,69 @@
+"""GMM feature preprocessing: the transforms, fitting without labels, save/load, as_module and purification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import mlp, train
+
+from featurefail import FailureDetector, Features
+from featurefail.preprocess import make_transform
+from featurefail.purify import bpd_gradient
+
+SPECS = ["standardize", "pca", "pca:0.9", "l2", "tanh"]
+
+
+def test_transforms_do_what_they_say():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 5
+    z = make_transform("standardize").fit(f)(f)
+    torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(6), atol=1e-3, rtol=0)
+    w = make_transform("pca").fit(f)(f).double()
+    torch.testing.assert_close(w.T @ w / len(w), torch.eye(w.shape[1], dtype=torch.float64), atol=1e-3, rtol=0)
+    assert make_transform("pca:0.5").fit(f)(f).shape[1] < 6
+    assert torch.allclose(make_transform("l2")(f).norm(dim=1), torch.ones(2000))
+    t = make_transform("tanh").fit(f)(f)
+    assert t.abs().max() < 1
+    assert make_transform(None) is None
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        make_transform("zca")
+
+
+@pytest.fixture(scope="module")
+def task():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (900,), generator=g)
+    x = torch.randn(3, 16, generator=g)[y] + torch.randn(900, 16, generator=g) * 1.5
+    return train(mlp(), x[:600], y[:600]), x
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_each_option_fits_without_labels_and_round_trips(spec, task, tmp_path):
+    model, x = task
+    det = FailureDetector(n_components=3, preprocess=spec, progress=False).fit(model, [x[:600]])  # no labels
+    scores = det.score(x[600:])
+    assert torch.isfinite(scores).all()
+    det.save(tmp_path / "d.safetensors")
+    back = FailureDetector.load(tmp_path / "d.safetensors", model=model)
+    assert back.config.preprocess == spec
+    assert torch.equal(back.score(x[600:]), scores)
+    _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
+    torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
+    bad = det.features(x[600:603])
+    bad.feats[1] = float("nan")
+    assert det.score_features(bad)[1] == -float("inf")
+
+
+def test_purification_goes_through_the_transform(task):
+    model, x = task
+    det = FailureDetector(n_components=3, preprocess="tanh", progress=False).fit(model, [x[:600]])
+    feats = det.features(x[600:605]).feats.double()
+    _, grad = bpd_gradient(det.scorer_.gmm, feats, det.scorer_.transform_)
+    h = 1e-6
+    step = torch.zeros_like(feats)
+    step[:, 0] = h
+    bpd = lambda f: det.scorer_.gmm.bpd(det.scorer_.transform_(f))  # noqa: E731
+    torch.testing.assert_close(grad[:, 0], (bpd(feats + step) - bpd(feats - step)) / (2 * h), rtol=1e-4, atol=1e-6)
+    out = det.purify(Features(feats.float()), lr=0.01, nu=0.0, steps=5)
+    assert (out.bpd_after <= out.bpd_before + 1e-6).all()
