@@ -67,3 +67,28 @@ def test_purification_goes_through_the_transform(task):
     torch.testing.assert_close(grad[:, 0], (bpd(feats + step) - bpd(feats - step)) / (2 * h), rtol=1e-4, atol=1e-6)
     out = det.purify(Features(feats.float()), lr=0.01, nu=0.0, steps=5)
     assert (out.bpd_after <= out.bpd_before + 1e-6).all()
+
+
+def test_fused_scorer_weights_are_chosen_on_validation_mistakes_only(task, tmp_path):
+    from featurefail.metrics import auroc
+    from featurefail.scorers import FusedScorer
+
+    model, x = task
+    det = FailureDetector(scorer="fused", scorer_options={"n_components": 3, "random_state": 0}, progress=False)
+    det.fit(model, [x[:600]])
+    assert det.scorer_.weight_ == 0.5
+    g = torch.Generator().manual_seed(1)
+    y = model(x[600:]).argmax(1)
+    y = torch.where(torch.rand(300, generator=g) < 0.2, (y + 1) % 3, y)  # labels that make some predictions wrong
+    det.calibrate([(x[600:], y)], folds=3)
+    search = det.scorer_.weight_search_
+    assert len(search) == 21 and det.scorer_.weight_ == max(search, key=lambda w: (round(search[w], 6), w))
+    feats = det.features(x[600:])
+    val = Features(feats.feats, feats.logits, y)
+    s = det.scorer_.score(val)
+    assert auroc(s[val.correct], s[~val.correct]) == pytest.approx(search[det.scorer_.weight_])
+    det.save(tmp_path / "f.safetensors")
+    back = FailureDetector.load(tmp_path / "f.safetensors", model=model)
+    assert torch.equal(back.score(x[600:]), det.score(x[600:]))
+    pure_gmm = FusedScorer(weight=1.0, n_components=3, random_state=0).fit(feats)
+    torch.testing.assert_close(pure_gmm.score(feats).argsort(), pure_gmm.gmm_scorer.score(feats).argsort())

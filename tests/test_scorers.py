@@ -30,6 +30,7 @@ FAST = {
     "maf": dict(hidden=16, transforms=2, epochs=15),
     "pixelcnn": dict(hidden=8, blocks=1, epochs=1),
     "zheng_hong": dict(n_components=2),
+    "fused": dict(n_components=4),
 }
 
 

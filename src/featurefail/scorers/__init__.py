@@ -1,6 +1,7 @@
 """Detection methods behind one :class:`Scorer` protocol (higher score = more normal)."""
 
 from .base import Scorer, available_scorers, get_scorer, register_scorer
+from .fused import FusedScorer
 from .gmm import GMMScorer
 from .maf import MAFScorer
 from .mahalanobis import Mahalanobis
@@ -12,6 +13,7 @@ from .vae import VAEScorer
 from .zheng_hong import ZhengHong
 
 __all__ = [
+    "FusedScorer",
     "GMMScorer",
     "MAFScorer",
     "Mahalanobis",
