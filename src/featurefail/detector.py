@@ -165,9 +165,7 @@ class FailureDetector:
             loader = [(chunk,) for chunk in torch.split(x, self.config.batch_size)]
         else:
             loader = x
-        needs_inputs = bool(
-            getattr(self.scorer_ if hasattr(self, "scorer_") else self._new_scorer(), "requires_inputs", False)
-        )
+        needs_inputs = bool(getattr(getattr(self, "scorer_", None), "requires_inputs", False))
         # forward hooks fire for every caller of the module: one hooked pass at a time per detector
         # (as_module() needs no hooks and no lock)
         with self._forward_lock:

@@ -34,6 +34,24 @@ class Standardizer:
         return obj
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The scorer's ``device`` setting as a ``torch.device`` (CPU when unset)."""
+    return torch.device(device) if device else torch.device("cpu")
+
+
+def network_state(module: nn.Module, extra: dict | None = None) -> dict:
+    """A network's parameters under ``net.`` (CPU tensors), plus ``extra`` entries."""
+    state = {f"net.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
+    state.update(extra or {})
+    return state
+
+
+def load_network(module: nn.Module, state: dict, device: str | None) -> nn.Module:
+    """Load the ``net.`` entries of ``state`` into ``module``, move it to ``device`` and set eval mode."""
+    module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    return module.to(resolve_device(device)).eval()
+
+
 def train_density(
     module: nn.Module,
     data: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 
 from ..features import Features
 from ..gmm import NotFittedError
-from ._training import Standardizer, train_density
+from ._training import Standardizer, load_network, network_state, resolve_device, train_density
 from .base import check_features, register_scorer
 
 __all__ = ["MAFScorer"]
@@ -62,7 +62,7 @@ class MAFScorer:
 
     def fit(self, features: Features) -> MAFScorer:
         check_features(features, who="MAFScorer")
-        dev = torch.device(self.device) if self.device else torch.device("cpu")
+        dev = resolve_device(self.device)
         self.standardizer_ = Standardizer(features.feats)
         z = self.standardizer_(features.feats)
         self.flow_ = self._flow(z.shape[1])
@@ -103,13 +103,10 @@ class MAFScorer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {f"net.{k}": v.cpu() for k, v in self.flow_.state_dict().items()}
-        state.update(self.standardizer_.state())
-        return state
+        return network_state(self.flow_, self.standardizer_.state())
 
     def load_state_dict(self, state: dict[str, Any]) -> MAFScorer:
         self.standardizer_ = Standardizer.from_state(state)
         self.flow_ = self._flow(int(self.standardizer_.mean.shape[0]))
-        self.flow_.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.flow_.to(torch.device(self.device) if self.device else "cpu").eval()
+        load_network(self.flow_, state, self.device)
         return self

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..features import Features
 from ..gmm import NotFittedError
-from ._training import train_density
+from ._training import load_network, network_state, resolve_device, train_density
 from .base import register_scorer
 
 __all__ = ["GatedPixelCNN", "PixelCNNScorer"]
@@ -113,7 +113,7 @@ class PixelCNNScorer:
 
     def fit(self, features: Features) -> PixelCNNScorer:
         x = self._inputs(features)
-        dev = torch.device(self.device) if self.device else torch.device("cpu")
+        dev = resolve_device(self.device)
         torch.manual_seed(self.seed)
         self.model_ = GatedPixelCNN(x.shape[1], self.hidden, self.blocks)
         self.shape_ = tuple(x.shape[1:])
@@ -159,13 +159,10 @@ class PixelCNNScorer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {f"net.{k}": v.cpu() for k, v in self.model_.state_dict().items()}
-        state["shape"] = torch.tensor(self.shape_)
-        return state
+        return network_state(self.model_, {"shape": torch.tensor(self.shape_)})
 
     def load_state_dict(self, state: dict[str, Any]) -> PixelCNNScorer:
         self.shape_ = tuple(int(v) for v in torch.as_tensor(state["shape"]).tolist())
         self.model_ = GatedPixelCNN(self.shape_[0], self.hidden, self.blocks)
-        self.model_.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.model_.to(torch.device(self.device) if self.device else "cpu").eval()
+        load_network(self.model_, state, self.device)
         return self

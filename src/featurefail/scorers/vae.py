@@ -10,7 +10,7 @@ from torch import nn
 
 from ..features import Features
 from ..gmm import NotFittedError
-from ._training import Standardizer, train_density
+from ._training import Standardizer, load_network, network_state, resolve_device, train_density
 from .base import check_features, register_scorer
 
 __all__ = ["VAEScorer"]
@@ -71,7 +71,7 @@ class VAEScorer:
 
     def fit(self, features: Features) -> VAEScorer:
         check_features(features, who="VAEScorer")
-        dev = torch.device(self.device) if self.device else torch.device("cpu")
+        dev = resolve_device(self.device)
         self.standardizer_ = Standardizer(features.feats)
         z = self.standardizer_(features.feats)
         self.model_ = _FeatureVAE(z.shape[1], self.hidden, self.latent)
@@ -114,14 +114,11 @@ class VAEScorer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {f"net.{k}": v.cpu() for k, v in self.model_.state_dict().items()}
-        state.update(self.standardizer_.state())
-        return state
+        return network_state(self.model_, self.standardizer_.state())
 
     def load_state_dict(self, state: dict[str, Any]) -> VAEScorer:
         self.standardizer_ = Standardizer.from_state(state)
         d = int(self.standardizer_.mean.shape[0])
         self.model_ = _FeatureVAE(d, self.hidden, self.latent)
-        self.model_.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.model_.to(torch.device(self.device) if self.device else "cpu").eval()
+        load_network(self.model_, state, self.device)
         return self
