@@ -14,7 +14,7 @@ from torch import nn
 from featurefail import FailureDetector, Features
 from featurefail.attacks import bim, fgsm
 from featurefail.cli import main
-from featurefail.evaluate import evaluate, holdout_split, parse_attack
+from featurefail.evaluate import EvalResult, evaluate, holdout_split, parse_attack
 from featurefail.ood import NpzImages, gaussian_noise, uniform_noise
 from featurefail.plots import reliability_diagram, roc_pr_curves, score_histogram, write_report
 from featurefail.scorers import register_scorer
@@ -154,6 +154,8 @@ def test_runner_every_scorer_every_source_and_no_failure_in_fitting(tiny_task, t
     assert "AUROC" in md and "±" in md
     back = json.loads(result.to_json(tmp_path / "r.json").read_text())
     assert len(back["rows"]) == len(result.rows)
+    reread = EvalResult.from_json(tmp_path / "r.json")
+    assert reread.rows == result.rows and reread.mann_whitney == result.mann_whitney
     assert (tmp_path / "r.csv").exists() is False and result.to_csv(tmp_path / "r.csv").stat().st_size > 100
     report = write_report(result, tmp_path / "report")
     assert "![histogram](histogram.png)" in report.read_text()

@@ -45,6 +45,33 @@ def test_named_layer_output_is_pooled():
         hook(x)
 
 
+def test_several_layers_are_pooled_and_concatenated_in_order():
+    model = TinyResNet().eval()
+    x = torch.randn(5, 1, 8, 8)
+    with FeatureHook(model, layer=[None, "layer1.0", model.stem]) as hook:
+        feats, logits = hook(x)
+    with FeatureHook(model) as one, FeatureHook(model, layer="layer1.0") as two:
+        f_pen, logits_one = one(x)
+        f_mid, _ = two(x)
+    stem = model.stem(x).mean(dim=(2, 3))
+    torch.testing.assert_close(feats, torch.cat([f_pen, f_mid, stem], dim=1))
+    torch.testing.assert_close(logits, logits_one)
+    assert hook.block_sizes == (8, 8, 8) and hook.head is None and hook.multi_layer
+    assert hook.layer_names == ["head", "layer1.0", "stem"]
+    features = extract_features(
+        model, [(x, torch.zeros(5, dtype=torch.long))], layer=[None, "stem"], progress_bar=False
+    )
+    assert features.blocks == (8, 8)
+    assert torch.equal(features.select_blocks(1).feats, stem) and features.select_blocks(1).blocks is None
+    assert features.subset(slice(0, 2)).blocks == (8, 8)
+    with pytest.raises(ValueError, match="twice"):
+        FeatureHook(model, layer=["stem", model.stem])
+    with pytest.raises(ValueError, match="empty"):
+        FeatureHook(model, layer=[])
+    with pytest.raises(ValueError, match="summing"):
+        Features(torch.zeros(3, 4), blocks=(2, 3))
+
+
 def test_no_linear_lists_candidates_and_bad_names_are_clear():
     with pytest.raises(ValueError, match=r"no nn.Linear.*conv"):
         FeatureHook(NoLinear())

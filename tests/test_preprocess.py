@@ -92,3 +92,86 @@ def test_fused_scorer_weights_are_chosen_on_validation_mistakes_only(task, tmp_p
     assert torch.equal(back.score(x[600:]), det.score(x[600:]))
     pure_gmm = FusedScorer(weight=1.0, n_components=3, random_state=0).fit(feats)
     torch.testing.assert_close(pure_gmm.score(feats).argsort(), pure_gmm.gmm_scorer.score(feats).argsort())
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer, task, tmp_path):
+    from featurefail.scorers import GMMScorer
+
+    model, x = task
+    options = {"per_layer": per_layer}
+    det = FailureDetector(
+        n_components=3, layer=[None, "1"], preprocess="standardize", scorer_options=options, progress=False
+    ).fit(model, [x[:600]])  # no labels
+    feats = det.features(x[600:])
+    assert feats.blocks == (24, 24)
+    scores = det.score(x[600:])
+    assert torch.isfinite(scores).all()
+    if per_layer:  # one preprocessing + mixture per layer, log-likelihoods summed
+        train = det.features(x[:600])
+        parts = [
+            GMMScorer(3, random_state=0, preprocess="standardize")
+            .fit(train.select_blocks(i))
+            .score(feats.select_blocks(i))
+            for i in range(2)
+        ]
+        torch.testing.assert_close(scores, parts[0] + parts[1])
+    det.save(tmp_path / "d.safetensors")
+    back = FailureDetector.load(tmp_path / "d.safetensors", model=model)
+    assert back.config.layer == [None, "1"]
+    assert torch.equal(back.score(x[600:]), scores)
+    _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
+    torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="head"):
+        det.purify(x[600:605])
+
+
+def test_per_layer_needs_several_layers(task):
+    model, x = task
+    det = FailureDetector(n_components=3, scorer_options={"per_layer": True}, progress=False)
+    with pytest.raises(ValueError, match="several layers"):
+        det.fit(model, [x[:600]])
+
+
+def test_runner_asserts_preprocessing_sees_only_training_features(task):
+    from featurefail.evaluate import EvalData, Source, evaluate_features
+    from featurefail.scorers import register_scorer
+
+    model, x = task
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[::7] = (y[::7] + 1) % 3  # some mistakes
+    hook_feats = FailureDetector(n_components=3, layer=[None, "1"], progress=False).fit(model, [x[:600]])
+    f = hook_feats.features(x)
+    feats = Features(f.feats, f.logits, y, blocks=f.blocks)
+    test = feats.subset(slice(700, 900))
+    data = EvalData(
+        feats.subset(slice(0, 600)),
+        feats.subset(slice(600, 700)),
+        test,
+        [Source("test mistakes", "mistakes", test.subset(~test.correct), test.correct)],
+    )
+    for options in ({"preprocess": "pca"}, {"preprocess": "tanh", "per_layer": True}):
+        result = evaluate_features(data, scorers=["gmm"], scorer_options={"gmm": {"n_components": 2, **options}})
+        assert 0.0 <= result.rows[0].auroc <= 1.0
+
+    @register_scorer("leaky_preprocessing")
+    class LeakyScorer:
+        """Fits its preprocessing on the validation rows: the runner must refuse it."""
+
+        name = "leaky_preprocessing"
+        requires_labels = False
+
+        def fit(self, features: Features) -> LeakyScorer:
+            return self
+
+        def fit_validation(self, features: Features) -> LeakyScorer:
+            self.transform = make_transform("standardize").fit(features.feats)
+            return self
+
+        def score(self, features: Features) -> torch.Tensor:
+            return -features.feats.norm(dim=1)
+
+    with pytest.raises(AssertionError, match="not the training features"):
+        evaluate_features(data, scorers=["leaky_preprocessing"])

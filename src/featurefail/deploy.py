@@ -19,25 +19,27 @@ from torch import nn
 from .gmm import rescored_log_prob
 from .hooks import default_output_fn, find_layer, pool_features
 
-__all__ = ["DetectorModule", "GMMScoreModule", "LogitScoreModule", "feature_extractor"]
+__all__ = ["BlockSumScoreModule", "DetectorModule", "GMMScoreModule", "LogitScoreModule", "feature_extractor"]
 
 
-def feature_extractor(model: nn.Module, layer: str | nn.Module | None, capture_input: bool | None = None) -> nn.Module:
+def feature_extractor(model: nn.Module, layer: Any, capture_input: bool | None = None) -> nn.Module:
     """A ``torch.fx.GraphModule`` computing ``(model_output, activation)`` in one pass.
 
     The activation is the input of the module ``layer`` (default: the last ``nn.Linear``) or its output when a
-    layer is named, exactly as :class:`~featurefail.FeatureHook` captures it.
+    layer is named, exactly as :class:`~featurefail.FeatureHook` captures it. For a list of layers the second
+    item is a tuple with one activation per layer, in the listed order.
 
     Raises:
-        ValueError: when the model cannot be traced symbolically (data-dependent control flow) or the
+        ValueError: when the model cannot be traced symbolically (data-dependent control flow) or a
             layer is not called in the traced graph.
     """
-    name, _, auto_input = find_layer(model, layer)
-    use_input = auto_input if capture_input is None else capture_input
+    specs = list(layer) if isinstance(layer, list | tuple) else [layer]
+    found = [find_layer(model, spec) for spec in specs]
+    names = {name for name, _, _ in found}
 
     class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # keep the hooked module whole
-            return qualname == name or super().is_leaf_module(m, qualname)
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # keep the hooked modules whole
+            return qualname in names or super().is_leaf_module(m, qualname)
 
     try:
         graph = _Tracer().trace(model)
@@ -47,13 +49,17 @@ def feature_extractor(model: nn.Module, layer: str | nn.Module | None, capture_i
             f"as_module() needs a model that torch.fx can trace; tracing failed with: {exc}. "
             "Score with detector.score() (hooks) instead, or make the forward traceable."
         ) from exc
-    target = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
-    if target is None:
-        raise ValueError(f"layer {name!r} is not called as a module in the traced graph")
-    captured = target.args[0] if use_input else target
+    captured = []
+    for name, _, auto_input in found:
+        target = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+        if target is None:
+            raise ValueError(f"layer {name!r} is not called as a module in the traced graph")
+        use_input = auto_input if capture_input is None else capture_input
+        captured.append(target.args[0] if use_input else target)
     output = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(output):
-        pair = graph.call_function(tuple, ((output.args[0], captured),))
+        activation = captured[0] if len(captured) == 1 else graph.call_function(tuple, (tuple(captured),))
+        pair = graph.call_function(tuple, ((output.args[0], activation),))
     output.args = (pair,)
     graph.lint()
     graph_module.recompile()
@@ -102,6 +108,24 @@ class TransformedScoreModule(nn.Module):
         return torch.where(finite, out, torch.full_like(out, -math.inf))
 
 
+class BlockSumScoreModule(nn.Module):
+    """``scale · Σ_l score_l(feats[:, block_l])``: per-layer score modules over consecutive column blocks."""
+
+    def __init__(self, blocks: tuple[int, ...], parts: list[nn.Module], scale: float = 1.0) -> None:
+        super().__init__()
+        if len(blocks) != len(parts):
+            raise ValueError(f"{len(blocks)} blocks but {len(parts)} score modules")
+        self.blocks = [int(b) for b in blocks]
+        self.parts = nn.ModuleList(parts)
+        self.scale = float(scale)
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        total = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
+        for part, block in zip(self.parts, torch.split(feats, self.blocks, dim=1), strict=True):
+            total = total + part(block, logits).float()
+        return total * self.scale
+
+
 class LogitScoreModule(nn.Module):
     """A score computed from the logits alone: ``fn(logits) -> (N,)`` (max softmax, max logit, ...)."""
 
@@ -137,7 +161,10 @@ class DetectorModule(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         output, activation = self.extractor(x)
         logits = self.output_fn(output)
-        feats = pool_features(activation, self.pool)
+        if isinstance(activation, tuple | list):
+            feats = torch.cat([pool_features(a, self.pool).to(logits.dtype) for a in activation], dim=1)
+        else:
+            feats = pool_features(activation, self.pool)
         score = self.scorer(feats, logits).float()
         bad = ~(torch.isfinite(feats).all(dim=1) & torch.isfinite(logits).all(dim=1)) | torch.isnan(score)
         score = torch.where(bad, torch.full_like(score, -math.inf), score)

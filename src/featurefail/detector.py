@@ -45,12 +45,28 @@ class DetectorConfig(BaseModel):
     score: Literal["loglik", "bpd"] = Field("loglik", description="GMM score: log-likelihood or -bits/dim")
     preprocess: str | None = Field(None, description="GMM feature preprocessing: standardize, pca[:kept], l2, tanh")
     scorer_options: dict[str, Any] = Field(default_factory=dict)
-    layer: str | None = Field(None, description="dotted module name; None = input of the last nn.Linear")
+    layer: str | list[str | None] | None = Field(
+        None,
+        description="dotted module name; None = input of the last nn.Linear; a list = several layers, pooled and "
+        "concatenated (None in the list = the penultimate layer)",
+    )
     pool: Literal["avg", "flatten", "none"] = "avg"
     device: str | None = Field(None, description="where scorers run; None = the features' device (CPU)")
     seed: int | None = 0
     batch_size: int = Field(256, ge=1, description="batch size when scoring a tensor of inputs")
     progress: bool = True
+
+    @field_validator("layer")
+    @classmethod
+    def _valid_layer(cls, value: str | list[str | None] | None) -> str | list[str | None] | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("layer is an empty list; name at least one layer (None = the penultimate one)")
+            if len(set(value)) != len(value):
+                raise ValueError(f"layer lists a module twice: {value}")
+            if len(value) == 1:
+                return value[0]
+        return value
 
     @field_validator("device")
     @classmethod

@@ -29,6 +29,7 @@ from . import metrics
 from .attacks import bim, fgsm
 from .features import Features, extract_features
 from .hooks import FeatureHook
+from .preprocess import observe_fits
 from .scorers.base import get_scorer
 from .stats import mann_whitney
 
@@ -142,6 +143,16 @@ class EvalResult:
         path.write_text(json.dumps(payload, indent=2, allow_nan=True))
         return path
 
+    @classmethod
+    def from_json(cls, path: str | Path) -> EvalResult:
+        """The rows, Mann-Whitney tests and accuracy written by :meth:`to_json` (raw scores are not kept)."""
+        payload = json.loads(Path(path).read_text())
+        return cls(
+            rows=[EvalRow(**row) for row in payload["rows"]],
+            mann_whitney=payload.get("mann_whitney", {}),
+            accuracy=float(payload.get("accuracy", float("nan"))),
+        )
+
 
 def _pm(mean: float, std: float, seeds: int) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if seeds > 1 else f"{100 * mean:.2f}"
@@ -202,6 +213,7 @@ class EvalData:
     val: Features
     test: Features
     sources: list[Source] = field(default_factory=list)
+    layers: list[str | None] | None = None
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -220,7 +232,11 @@ class EvalData:
         for i, src in enumerate(self.sources):
             put(f"source{i}", src.failures)
             tensors[f"source{i}.normal_mask"] = src.normal_mask.clone().contiguous()
-        meta = {"sources": json.dumps([[src.name, src.kind] for src in self.sources])}
+        meta = {
+            "sources": json.dumps([[src.name, src.kind] for src in self.sources]),
+            "blocks": json.dumps(list(self.train.blocks) if self.train.blocks else None),
+            "layers": json.dumps(self.layers),
+        }
         save_file(tensors, str(path), metadata=meta)
         return Path(path)
 
@@ -232,14 +248,25 @@ class EvalData:
             meta = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
 
+        blocks = json.loads(meta.get("blocks", "null"))
+
         def get(prefix: str) -> Features:
-            return Features(*(tensors.get(f"{prefix}.{key}") for key in ("feats", "logits", "labels", "inputs")))
+            keys = ("feats", "logits", "labels", "inputs")
+            return Features(*(tensors.get(f"{prefix}.{key}") for key in keys), blocks=tuple(blocks) if blocks else None)
 
         sources = [
             Source(name, kind, get(f"source{i}"), tensors[f"source{i}.normal_mask"])
             for i, (name, kind) in enumerate(json.loads(meta["sources"]))
         ]
-        return cls(get("train"), get("val"), get("test"), sources)
+        return cls(get("train"), get("val"), get("test"), sources, layers=json.loads(meta.get("layers", "null")))
+
+    def select_blocks(self, indices: int | list[int]) -> EvalData:
+        """The same data restricted to some layer blocks (see :meth:`Features.select_blocks`)."""
+        wanted = [indices] if isinstance(indices, int) else list(indices)
+        pick = lambda f: f.select_blocks(wanted)  # noqa: E731
+        layers = [self.layers[i] for i in wanted] if self.layers else None
+        sources = [Source(s.name, s.kind, pick(s.failures), s.normal_mask) for s in self.sources]
+        return EvalData(pick(self.train), pick(self.val), pick(self.test), sources, layers=layers)
 
 
 def collect(
@@ -250,14 +277,18 @@ def collect(
     *,
     ood: Mapping[str, torch.Tensor] | None = None,
     attacks: Sequence[str] = (),
-    layer: str | None = None,
+    layer: str | list[str | None] | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     bim_steps: int = 10,
     keep_inputs: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> EvalData:
-    """Extract clean features, craft the attacks and extract every failure source (see the module docstring)."""
+    """Extract clean features, craft the attacks and extract every failure source (see the module docstring).
+
+    ``layer`` may list several layers (``None`` = the penultimate one): every set then carries the pooled,
+    concatenated blocks (``Features.blocks``) and :meth:`EvalData.select_blocks` picks some of them.
+    """
     say = progress or (lambda message: None)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
@@ -270,7 +301,7 @@ def collect(
     f_val = _features(model, *val, make_hook, keep_inputs, batch_size, dev)
     f_test = _features(model, *test, make_hook, keep_inputs, batch_size, dev)
     correct = f_test.correct
-    data = EvalData(f_train, f_val, f_test)
+    data = EvalData(f_train, f_val, f_test, layers=list(layer) if isinstance(layer, list | tuple) else [layer])
     if (~correct).any() and correct.any():
         data.sources.append(Source("test mistakes", "mistakes", f_test.subset(~correct), correct))
     clean_x, clean_y = test[0][correct], test[1][correct]
@@ -319,11 +350,13 @@ def evaluate_features(
             attach = getattr(scorer, "attach", None)
             if callable(attach) and model is not None:
                 attach(model, lambda m: FeatureHook(m, layer=layer))
-            scorer.fit(data.train)
-            fit_validation = getattr(scorer, "fit_validation", None)
-            if callable(fit_validation):
-                fit_validation(data.val)
+            with observe_fits() as preprocessing_fits:
+                scorer.fit(data.train)
+                fit_validation = getattr(scorer, "fit_validation", None)
+                if callable(fit_validation):
+                    fit_validation(data.val)
             _assert_only_clean_data_fitted(data.train, data.val, data.sources)
+            _assert_preprocessing_fitted_on_train(preprocessing_fits, data.train, name)
             s_test = _score(scorer, data.test)
             if seed == seeds[0] and (~correct).any() and correct.any():
                 mw = mann_whitney(s_test[correct], s_test[~correct])
@@ -447,4 +480,15 @@ def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: 
     for src in sources:
         assert src.failures.feats.untyped_storage().data_ptr() not in fitted, (
             f"failure samples of {src.name!r} share memory with the data a scorer was fitted on"
+        )
+
+
+def _assert_preprocessing_fitted_on_train(seen: list[torch.Tensor], f_train: Features, scorer: str) -> None:
+    """Every feature preprocessing was fitted on exactly the training features (all of them, or one layer
+    block of them) — so never on a validation, test, adversarial or OOD row."""
+    for feats in seen:
+        candidates = [f_train.feats] + [f_train.feats[:, cols] for cols in f_train.block_slices()]
+        assert any(feats.shape == c.shape and torch.equal(feats.to(c.dtype), c) for c in candidates), (
+            f"scorer {scorer!r} fitted a feature preprocessing on {tuple(feats.shape)} features that are not the "
+            "training features"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,15 @@ class Features:
         logits: ``(N, C)`` float32 logits, or None.
         labels: ``(N,)`` int64 labels, or None (never needed to fit the class-agnostic GMM).
         inputs: ``(N, ...)`` float32 inputs, kept only for scorers that model the input space.
+        blocks: for features of several layers, the widths ``(D_1, …, D_L)`` of the consecutive column blocks
+            (one per layer, summing to ``D``); None for one layer.
     """
 
     feats: torch.Tensor
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
+    blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.feats.ndim != 2:
@@ -44,6 +48,10 @@ class Features:
             value = getattr(self, name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"{name} has {value.shape[0]} rows but feats has {n}")
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+            if any(b <= 0 for b in self.blocks) or sum(self.blocks) != self.feats.shape[1]:
+                raise ValueError(f"blocks {self.blocks} must be positive widths summing to D={self.feats.shape[1]}")
 
     def __len__(self) -> int:
         return self.feats.shape[0]
@@ -70,7 +78,24 @@ class Features:
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index]
 
-        return Features(take(self.feats), take(self.logits), take(self.labels), take(self.inputs))
+        return Features(take(self.feats), take(self.logits), take(self.labels), take(self.inputs), self.blocks)
+
+    def block_slices(self) -> list[slice]:
+        """The column slice of every layer block (one slice covering all of ``D`` for single-layer features)."""
+        sizes = self.blocks or (self.feats.shape[1],)
+        starts = np.cumsum((0, *sizes))
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(starts)]
+
+    def select_blocks(self, indices: int | list[int]) -> Features:
+        """Features of the chosen layer blocks only (a contiguous copy; logits, labels and inputs shared)."""
+        wanted = [indices] if isinstance(indices, int) else list(indices)
+        slices = self.block_slices()
+        for i in wanted:
+            if not -len(slices) <= i < len(slices):
+                raise IndexError(f"block {i} does not exist; these features have {len(slices)} block(s)")
+        feats = torch.cat([self.feats[:, slices[i]] for i in wanted], dim=1).contiguous()
+        sizes = tuple(slices[i].stop - slices[i].start for i in wanted)
+        return Features(feats, self.logits, self.labels, self.inputs, sizes if len(sizes) > 1 else None)
 
     @classmethod
     def from_tensors(cls, feats: Any, logits: Any = None, labels: Any = None) -> Features:
@@ -111,7 +136,7 @@ def extract_features(
     loader: Iterable,
     hook: FeatureHook | None = None,
     *,
-    layer: str | nn.Module | None = None,
+    layer: Any = None,
     pool: Any = "avg",
     device: str | torch.device | None = None,
     batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
@@ -190,4 +215,5 @@ def extract_features(
         logits=torch.cat(logits),
         labels=torch.cat(labels) if labels else None,
         inputs=torch.cat(inputs) if keep_inputs else None,
+        blocks=hook.block_sizes if hook.multi_layer else None,
     )

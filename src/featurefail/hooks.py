@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 __all__ = ["FeatureHook", "default_output_fn", "find_layer"]
 
 Pool = Literal["avg", "flatten"] | None
+LayerSpec = str | nn.Module | None
 
 
 def default_output_fn(output: Any) -> torch.Tensor:
@@ -78,11 +79,16 @@ def pool_features(t: torch.Tensor, pool: Pool) -> torch.Tensor:
 
 
 class FeatureHook:
-    """Capture penultimate features and logits from any ``nn.Module`` classifier.
+    """Capture penultimate features (and the logits) from any ``nn.Module`` classifier.
 
     By default the hook sits on the **input** of the last ``nn.Linear`` (the features ``F`` of
     ``softmax(W F + b)`` in the paper); ``layer=`` picks another module by dotted name or object, whose
     **output** is captured. 4-D activations are global-average pooled.
+
+    ``layer`` may also be a list: every listed layer is captured in the same forward pass, pooled, and the
+    blocks are concatenated in the listed order into ``(N, D_1 + … + D_L)``; ``block_sizes`` records the
+    ``D_l`` (a ``None`` entry is the default penultimate layer). Density scorers can model the concatenation
+    or each block separately (``GMMScorer(per_layer=True)``).
 
     Use it as a context manager: the model is put in eval mode inside and its mode and hooks are restored
     on exit, also when an exception escapes::
@@ -92,7 +98,8 @@ class FeatureHook:
 
     Args:
         model: the classifier.
-        layer: ``None`` (input of the last ``nn.Linear``), a dotted module name, or a module of ``model``.
+        layer: ``None`` (input of the last ``nn.Linear``), a dotted module name, a module of ``model``, or a
+            non-empty list of these.
         pool: ``"avg"`` (default), ``"flatten"`` or ``None``.
         output_fn: maps the model's output to logits ``(N, C)``; default handles tensors, tuples and
             ``{"logits": ...}``.
@@ -100,15 +107,17 @@ class FeatureHook:
             automatic last-``nn.Linear`` choice).
 
     Attributes:
-        layer_name: the dotted name of the hooked module.
+        layer_name: the dotted name of the hooked module (names joined by ``"+"`` for several layers).
+        layer_names: one dotted name per hooked layer.
+        block_sizes: ``(D_1, …, D_L)`` after the first call, else None.
         head: the hooked ``nn.Linear`` when the features are its input (used to re-classify purified
-            features), else ``None``.
+            features), else ``None`` (always ``None`` for several layers).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        layer: str | nn.Module | None = None,
+        layer: LayerSpec | Sequence[LayerSpec] = None,
         pool: Pool = "avg",
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         capture_input: bool | None = None,
@@ -120,27 +129,48 @@ class FeatureHook:
         self.model = model
         self.pool = pool
         self.output_fn = output_fn or default_output_fn
-        self.layer_name, self.module, auto_input = find_layer(model, layer)
-        self.capture_input = auto_input if capture_input is None else capture_input
-        self.head = self.module if (self.capture_input and isinstance(self.module, nn.Linear)) else None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        specs = list(layer) if isinstance(layer, list | tuple) else [layer]
+        if not specs:
+            raise ValueError("layer is an empty list; name at least one layer (None = the penultimate one)")
+        found = [find_layer(model, spec) for spec in specs]
+        if len({name for name, _, _ in found}) != len(found):
+            raise ValueError(f"layer lists a module twice: {[name for name, _, _ in found]}")
+        self.layer_names = [name for name, _, _ in found]
+        self.layer_name = "+".join(self.layer_names)
+        self.modules = [module for _, module, _ in found]
+        self.module = self.modules[0]
+        self.captures_input = [auto if capture_input is None else capture_input for _, _, auto in found]
+        self.capture_input = self.captures_input[0]
+        single_linear = len(found) == 1 and self.capture_input and isinstance(self.module, nn.Linear)
+        self.head = self.module if single_linear else None
+        self.block_sizes: tuple[int, ...] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._was_training: bool | None = None
-        self._captured: torch.Tensor | None = None
+        self._captured: list[torch.Tensor | None] = [None] * len(found)
 
-    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        value = args[0] if self.capture_input else output
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"the hooked module {self.layer_name!r} gave a {type(value).__name__}, not a tensor; hook another layer"
-            )
-        self._captured = pool_features(value, self.pool)
+    @property
+    def multi_layer(self) -> bool:
+        """True when more than one layer is captured."""
+        return len(self.modules) > 1
+
+    def _make_callback(self, index: int) -> Callable[[nn.Module, tuple, Any], None]:
+        def on_forward(module: nn.Module, args: tuple, output: Any) -> None:
+            value = args[0] if self.captures_input[index] else output
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"the hooked module {self.layer_names[index]!r} gave a {type(value).__name__}, not a tensor; "
+                    "hook another layer"
+                )
+            self._captured[index] = pool_features(value, self.pool)
+
+        return on_forward
 
     def __enter__(self) -> FeatureHook:
-        if self._handle is not None:
+        if self._handles:
             raise RuntimeError("this FeatureHook is already active")
         self._was_training = self.model.training
         self.model.eval()
-        self._handle = self.module.register_forward_hook(self._on_forward)
+        self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,28 +178,31 @@ class FeatureHook:
 
     def remove(self) -> None:
         """Remove the hook and restore the model's training mode (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if self._was_training is not None:
             self.model.train(self._was_training)
             self._was_training = None
-        self._captured = None
+        self._captured = [None] * len(self.modules)
 
     def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on a batch: returns features ``(N, D)`` and logits ``(N, C)``."""
-        if self._handle is None:
+        if not self._handles:
             raise RuntimeError("use FeatureHook inside a `with` block (or call __enter__ first)")
-        self._captured = None
+        self._captured = [None] * len(self.modules)
         output = self.model(x)
         logits = self.output_fn(output)
-        feats = self._captured
-        self._captured = None
-        if feats is None:
+        captured, self._captured = self._captured, [None] * len(self.modules)
+        missing = [name for name, value in zip(self.layer_names, captured, strict=True) if value is None]
+        if missing:
             raise RuntimeError(
-                f"the hooked module {self.layer_name!r} did not run during the forward pass; "
+                f"the hooked module {missing[0]!r} did not run during the forward pass; "
                 "pick a layer the model actually calls"
             )
+        blocks = [value for value in captured if value is not None]
+        self.block_sizes = tuple(b.shape[1] for b in blocks)
+        feats = blocks[0] if len(blocks) == 1 else torch.cat([b.to(blocks[0].dtype) for b in blocks], dim=1)
         if logits.ndim != 2:
             raise ValueError(f"logits must be (N, n_classes), got shape {tuple(logits.shape)}; pass output_fn=")
         return feats, logits

@@ -13,12 +13,31 @@ Each transform is an ``nn.Module`` whose state lives in buffers, so it saves wit
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureTransform", "make_transform"]
+__all__ = ["FeatureTransform", "make_transform", "observe_fits"]
+
+_fit_observers: list[Callable[[FeatureTransform, torch.Tensor], None]] = []
+
+
+@contextmanager
+def observe_fits() -> Iterator[list[torch.Tensor]]:
+    """Record every ``(N, D)`` tensor a :class:`FeatureTransform` is fitted on inside the block.
+
+    The evaluation runner uses it to assert that preprocessing was fitted on the training features only.
+    """
+    seen: list[torch.Tensor] = []
+    observer = lambda transform, feats: seen.append(feats)  # noqa: E731
+    _fit_observers.append(observer)
+    try:
+        yield seen
+    finally:
+        _fit_observers.remove(observer)
 
 
 class FeatureTransform(nn.Module):
@@ -27,6 +46,12 @@ class FeatureTransform(nn.Module):
     spec: str = ""
 
     def fit(self, feats: torch.Tensor) -> FeatureTransform:
+        """Fit on ``(N, D)`` training features (labels are never used)."""
+        for observer in list(_fit_observers):
+            observer(self, feats)
+        return self._fit(feats)
+
+    def _fit(self, feats: torch.Tensor) -> FeatureTransform:
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -44,7 +69,7 @@ class _Standardize(FeatureTransform):
         self.squash = squash
         self.spec = "tanh" if squash else "standardize"
 
-    def fit(self, feats: torch.Tensor) -> FeatureTransform:
+    def _fit(self, feats: torch.Tensor) -> FeatureTransform:
         f = feats.double()
         std = f.std(0)
         self.register_buffer("mean", f.mean(0))
@@ -64,7 +89,7 @@ class _PCAWhiten(FeatureTransform):
         self.kept = kept
         self.spec = f"pca:{kept:g}"
 
-    def fit(self, feats: torch.Tensor) -> FeatureTransform:
+    def _fit(self, feats: torch.Tensor) -> FeatureTransform:
         f = feats.double()
         mean = f.mean(0)
         centred = f - mean
