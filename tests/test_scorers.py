@@ -144,6 +144,10 @@ def test_pixelcnn_scores_bits_per_dim_and_checks_inputs():
         scorer.fit(Features(torch.zeros(3, 1), inputs=x[:3] * 3))
     with pytest.raises(ValueError, match="inputs"):
         scorer.fit(Features(torch.zeros(3, 1)))
+    sub = PixelCNNScorer(hidden=4, blocks=1, epochs=1, max_train=30).fit(Features(torch.zeros(200, 1), inputs=x))
+    assert sub.n_train_ == 30 and sub.get_config()["max_train"] == 30
+    with pytest.raises(ValueError, match="max_train"):
+        PixelCNNScorer(max_train=0)
 
 
 @pytest.fixture(scope="module")

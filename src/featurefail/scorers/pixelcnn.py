@@ -74,7 +74,8 @@ class PixelCNNScorer:
 
     Model-agnostic: it never looks at the classifier. Inputs must lie in [0, 1] (they are quantised to 256
     levels). The defaults train in minutes on a CPU at 28×28 or 32×32; raise ``hidden``, ``blocks`` and
-    ``epochs`` on a GPU.
+    ``epochs`` on a GPU. ``max_train`` fits on a seeded random subset of that many training inputs (large sets
+    on a CPU); ``n_train_`` records how many were used.
 
     Papers: van den Oord et al., "Conditional image generation with PixelCNN decoders", NeurIPS 2016; used as a
     baseline in the featurefail paper (PixelCNN++ there).
@@ -94,9 +95,13 @@ class PixelCNNScorer:
         seed: int = 0,
         device: str | None = None,
         progress: bool = False,
+        max_train: int | None = None,
     ) -> None:
+        if max_train is not None and max_train < 1:
+            raise ValueError(f"max_train must be a positive number of inputs or None, got {max_train}")
         self.hidden, self.blocks, self.epochs, self.lr = hidden, blocks, epochs, lr
         self.batch_size, self.seed, self.device, self.progress = batch_size, seed, device, progress
+        self.max_train = max_train
 
     @staticmethod
     def _inputs(features: Features) -> torch.Tensor:
@@ -113,6 +118,10 @@ class PixelCNNScorer:
 
     def fit(self, features: Features) -> PixelCNNScorer:
         x = self._inputs(features)
+        if self.max_train is not None and len(x) > self.max_train:
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.max_train]
+            x = x[keep]
+        self.n_train_ = len(x)
         dev = resolve_device(self.device)
         torch.manual_seed(self.seed)
         self.model_ = GatedPixelCNN(x.shape[1], self.hidden, self.blocks)
@@ -156,6 +165,7 @@ class PixelCNNScorer:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "device": self.device,
+            "max_train": self.max_train,
         }
 
     def state_dict(self) -> dict[str, Any]:
