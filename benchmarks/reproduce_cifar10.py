@@ -30,10 +30,11 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cifar10"))
 from data import cifar10_splits  # noqa: E402
-from models import make_model, probe_layers  # noqa: E402
+from models import make_model  # noqa: E402
 
 from featurefail import FailureDetector, purification_grid  # noqa: E402
 from featurefail.evaluate import EvalData, EvalResult, EvalRow, collect, evaluate_features  # noqa: E402
+from featurefail.hooks import auto_layers  # noqa: E402
 from featurefail.ood import NpzImages, gaussian_noise  # noqa: E402
 from featurefail.plots import write_report  # noqa: E402
 
@@ -45,7 +46,7 @@ PAPER_TABLE2 = {
 FAST_SCORERS = ("max_softmax", "temperature", "mahalanobis", "zheng_hong")
 DENSITY_SCORERS = ("vae", "maf", "pixelcnn")
 BASELINES = ("max_softmax", "temperature", "mahalanobis", "zheng_hong", "GMM-1000")
-# the beyond-the-paper options: (label, scorer, options, layer blocks: "penultimate" or "all three")
+# the beyond-the-paper options: (label, scorer, options, layer blocks: "penultimate" or "all" of layer="auto")
 STUDY = [
     ("GMM-100 (paper)", "gmm", {}, "penultimate"),
     ("standardize", "gmm", {"preprocess": "standardize"}, "penultimate"),
@@ -53,13 +54,13 @@ STUDY = [
     ("pca:0.9", "gmm", {"preprocess": "pca:0.9"}, "penultimate"),
     ("l2", "gmm", {"preprocess": "l2"}, "penultimate"),
     ("tanh", "gmm", {"preprocess": "tanh"}, "penultimate"),
-    ("3 layers concat + standardize", "gmm", {"preprocess": "standardize"}, "all"),
-    ("3 layers per-layer sum + standardize", "gmm", {"preprocess": "standardize", "per_layer": True}, "all"),
-    ("3 layers per-layer sum + l2", "gmm", {"preprocess": "l2", "per_layer": True}, "all"),
+    ("layer=auto concat + standardize", "gmm", {"preprocess": "standardize"}, "all"),
+    ("layer=auto per-layer sum + standardize", "gmm", {"preprocess": "standardize", "per_layer": True}, "all"),
+    ("layer=auto per-layer sum + l2", "gmm", {"preprocess": "l2", "per_layer": True}, "all"),
     ("fused energy", "fused", {"logit_score": "energy"}, "penultimate"),
     ("fused max_softmax", "fused", {"logit_score": "max_softmax"}, "penultimate"),
     ("fused energy + l2", "fused", {"logit_score": "energy", "preprocess": "l2"}, "penultimate"),
-    ("fused max_softmax + 3 layers", "fused", {"logit_score": "max_softmax", "preprocess": "standardize"}, "all"),
+    ("fused max_softmax + layer=auto", "fused", {"logit_score": "max_softmax", "preprocess": "standardize"}, "all"),
 ]
 
 
@@ -78,7 +79,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     say = lambda m: print(f"[{name}] {m}", flush=True)  # noqa: E731
     t0 = time.perf_counter()
     (x_tr, y_tr), val, (x_te, y_te) = splits
-    layers = [None, *probe_layers(model)]
+    layers = auto_layers(model, x_te[:2])  # what FailureDetector(layer="auto") hooks: [None, stage ends]
     data = EvalData.load(cache) if cache.exists() and not args.refresh else None
     if data is not None and data.layers == layers and (data.train.inputs is not None or not args.density):
         say(f"reusing cached features {cache}")
@@ -335,9 +336,10 @@ def study_section(runs: list[dict]) -> list[str]:
         "## Beyond the paper: the default detector",
         "",
         "Every GMM-100 option (feature preprocessing fitted on the training features without labels; features of "
-        "three layers — the penultimate one and the pooled ends of the first two stages — concatenated or scored "
-        "per layer and summed; the fused scorer, whose weight is chosen on validation mistakes only) against the "
-        "baselines, AUROC % mean ± std over the seeds. The paper's method is `GMM-100 (paper)`.",
+        'three layers as `layer="auto"` picks them — the penultimate one and the pooled ends of the two earlier '
+        "resolution stages — concatenated or scored per layer and summed; the fused scorer, whose weight is chosen "
+        "on validation mistakes only) against the baselines, AUROC % mean ± std over the seeds. The paper's "
+        "method is `GMM-100 (paper)`.",
         "",
         "**Rule** (issue 9): an option becomes the `FailureDetector` default if, on at least two reference models, "
         "its mean AUROC over all failure sources is higher than every baseline's and it is within 1 AUROC point of "

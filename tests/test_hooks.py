@@ -72,6 +72,54 @@ def test_several_layers_are_pooled_and_concatenated_in_order():
         Features(torch.zeros(3, 4), blocks=(2, 3))
 
 
+def three_stage_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+
+
+def test_auto_layers_are_the_ends_of_the_earlier_resolution_stages():
+    from featurefail.hooks import auto_layers
+
+    model = three_stage_cnn().train()
+    x = torch.randn(4, 1, 16, 16)
+    assert auto_layers(model, x) == [None, "3", "1"]  # 8x8 stage ends at the ReLU "3", 16x16 at "1"
+    assert model.training  # mode restored
+    assert auto_layers(model, x, n_stages=1) == [None, "3"]
+    assert auto_layers(mlp(), torch.randn(2, 16)) == [None]
+    with FeatureHook(model, layer="auto") as hook:
+        feats, _ = hook(x)
+        again, _ = hook(x)
+    assert hook.resolved_layers == [None, "3", "1"] and hook.block_sizes == (8, 6, 4)
+    torch.testing.assert_close(feats, again)
+    with FeatureHook(model, layer=[None, "3", "1"]) as explicit:
+        torch.testing.assert_close(explicit(x)[0], feats)
+
+
+def test_detector_resolves_auto_at_fit_and_keeps_it(tmp_path):
+    from featurefail import FailureDetector
+
+    model = three_stage_cnn()
+    x = torch.randn(240, 1, 16, 16)
+    det = FailureDetector(n_components=2, layer="auto", preprocess="standardize", progress=False).fit(model, [x[:200]])
+    assert det.layers_ == [None, "3", "1"] and det.config.layer == "auto"
+    scores = det.score(x[200:])
+    det.save(tmp_path / "auto.safetensors")
+    back = FailureDetector.load(tmp_path / "auto.safetensors", model=model)
+    assert back.layers_ == [None, "3", "1"]
+    assert torch.equal(back.score(x[200:]), scores)
+    torch.testing.assert_close(det.as_module(threshold=0.0)(x[200:])[1], scores, rtol=1e-5, atol=1e-4)
+
+
 def test_no_linear_lists_candidates_and_bad_names_are_clear():
     with pytest.raises(ValueError, match=r"no nn.Linear.*conv"):
         FeatureHook(NoLinear())

@@ -127,16 +127,6 @@ ARCHS = {
 }
 
 
-def probe_layers(model: nn.Module) -> list[str]:
-    """Earlier layers whose pooled outputs the multi-layer GMM options add to the penultimate features: the ends
-    of the second and first stages (ResNet/WRN residual stages; DenseNet transition layers)."""
-    if isinstance(model, DenseNetBC):
-        pools = [name for name, m in model.features.named_children() if isinstance(m, nn.AvgPool2d)]
-        return [f"features.{pools[1]}", f"features.{pools[0]}"]
-    n = len(model.layers) // 3
-    return [f"layers.{2 * n - 1}", f"layers.{n - 1}"]
-
-
 def make_model(arch: str = "resnet20", config: str = "cpu") -> nn.Module:
     """A reference architecture in its ``"cpu"`` (trains in about an hour on 2 cores) or ``"gpu"`` size."""
     cls, cpu, gpu = ARCHS[arch]

@@ -48,7 +48,8 @@ class DetectorConfig(BaseModel):
     layer: str | list[str | None] | None = Field(
         None,
         description="dotted module name; None = input of the last nn.Linear; a list = several layers, pooled and "
-        "concatenated (None in the list = the penultimate layer)",
+        "concatenated (None in the list = the penultimate layer); 'auto' = the penultimate layer plus the ends of "
+        "the two spatial stages before the last (resolved at fit time into layers_)",
     )
     pool: Literal["avg", "flatten", "none"] = "avg"
     device: str | None = Field(None, description="where scorers run; None = the features' device (CPU)")
@@ -152,6 +153,7 @@ class FailureDetector:
         self.head_weight_: torch.Tensor | None = None
         self.head_bias_: torch.Tensor | None = None
         self._forward_lock = threading.Lock()
+        self._layers: list[str | None] | None = None
 
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
@@ -160,9 +162,14 @@ class FailureDetector:
             return self._scorer_instance
         return get_scorer(self.config.scorer, **self.config.scorer_kwargs())
 
+    @property
+    def layers_(self) -> str | list[str | None] | None:
+        """The hooked layer(s): ``config.layer`` with ``"auto"`` resolved by ``fit``."""
+        return self._layers if self._layers is not None else self.config.layer
+
     def _hook(self, model: nn.Module) -> FeatureHook:
         pool = None if self.config.pool == "none" else self.config.pool
-        return FeatureHook(model, layer=self.config.layer, pool=pool, output_fn=self.output_fn)
+        return FeatureHook(model, layer=self.layers_, pool=pool, output_fn=self.output_fn)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "scorer_"):
@@ -207,6 +214,7 @@ class FailureDetector:
             self.
         """
         self.model_ = model
+        self._layers = None
         hook = self._hook(model)
         scorer = self._new_scorer()
         attach = getattr(scorer, "attach", None)
@@ -220,6 +228,8 @@ class FailureDetector:
             keep_inputs=bool(getattr(scorer, "requires_inputs", False)),
             progress_bar=self.config.progress,
         )
+        if self.config.layer == "auto":
+            self._layers = hook.resolved_layers
         if hook.head is not None:
             self.head_weight_ = hook.head.weight.detach().float().cpu().clone()
             self.head_bias_ = (
@@ -342,7 +352,7 @@ class FailureDetector:
             raise TypeError(f"scorer {self.scorer_.name!r} has no as_module(); it cannot be deployed as a module")
         t = self._threshold(threshold) if (threshold is not None or self.threshold_ is not None) else -math.inf
         pool = None if self.config.pool == "none" else self.config.pool
-        extractor = feature_extractor(model, self.config.layer)
+        extractor = feature_extractor(model, self.layers_)
         return DetectorModule(extractor, make(), t, pool=pool, output_fn=self.output_fn).eval()
 
     def purify(self, x_or_features: Any, lr: float = 0.1, nu: float = 0.01, steps: int = 100, **kwargs: Any):
@@ -394,6 +404,7 @@ class FailureDetector:
             "n_features": str(self.n_features_),
             "threshold": json.dumps(self.threshold_),
             "calibration": json.dumps(self.calibration_.as_dict() if self.calibration_ else None),
+            "layers": json.dumps(self._layers),
         }
         save_file(tensors, str(path), metadata=metadata)
 
@@ -443,6 +454,11 @@ class FailureDetector:
             threshold = json.loads(metadata["threshold"])
             calibration = json.loads(metadata["calibration"])
             n_features = int(metadata["n_features"])
+            layers = json.loads(metadata.get("layers", "null"))
+            if layers is not None and not (
+                isinstance(layers, list) and all(isinstance(v, str) or v is None for v in layers)
+            ):
+                raise ValueError(f"layers must be a list of module names, got {layers!r}")
         except (KeyError, ValueError, ValidationError) as exc:
             raise ValueError(f"{path} has damaged detector metadata: {exc}") from None
         detector = cls(config, output_fn=output_fn)
@@ -454,6 +470,7 @@ class FailureDetector:
         if callable(attach) and model is not None:
             attach(model, detector._hook)
         detector.scorer_ = scorer
+        detector._layers = layers
         detector.n_features_ = n_features
         detector.threshold_ = None if threshold is None else float(threshold)
         detector.calibration_ = ThresholdResult(**calibration) if calibration else None

@@ -28,7 +28,7 @@ from torch import nn
 from . import metrics
 from .attacks import bim, fgsm
 from .features import Features, extract_features
-from .hooks import FeatureHook
+from .hooks import FeatureHook, auto_layers
 from .preprocess import observe_fits
 from .scorers.base import get_scorer
 from .stats import mann_whitney
@@ -286,12 +286,17 @@ def collect(
 ) -> EvalData:
     """Extract clean features, craft the attacks and extract every failure source (see the module docstring).
 
-    ``layer`` may list several layers (``None`` = the penultimate one): every set then carries the pooled,
-    concatenated blocks (``Features.blocks``) and :meth:`EvalData.select_blocks` picks some of them.
+    ``layer`` may list several layers (``None`` = the penultimate one) or be ``"auto"``
+    (:func:`~featurefail.hooks.auto_layers`): every set then carries the pooled, concatenated blocks
+    (``Features.blocks``) and :meth:`EvalData.select_blocks` picks some of them.
     """
     say = progress or (lambda message: None)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
+
+    if isinstance(layer, str) and layer == "auto":
+        layer = auto_layers(model, test[0][:2].to(dev))
+        say(f"layer='auto' resolved to {layer}")
 
     def make_hook() -> FeatureHook:
         return FeatureHook(model, layer=layer)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["FeatureHook", "default_output_fn", "find_layer"]
+__all__ = ["FeatureHook", "auto_layers", "default_output_fn", "find_layer"]
 
 Pool = Literal["avg", "flatten"] | None
 LayerSpec = str | nn.Module | None
@@ -61,6 +61,44 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn
     raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
 
 
+def auto_layers(model: nn.Module, example: Any, n_stages: int = 2) -> list[str | None]:
+    """``[None, …]``: the penultimate layer plus the ends of the ``n_stages`` spatial-resolution stages before the
+    last one, found by one probe forward pass on ``example`` (a small input batch).
+
+    A stage is a run of consecutive module calls whose 4-D outputs share one spatial size larger than 1×1; its end
+    is the last module called in it (e.g. ``layers.5`` and ``layers.2`` of a CIFAR ResNet-20, the transition layers of a
+    DenseNet). Models without such stages (MLPs, transformers on tokens) get ``[None]``, the penultimate layer.
+    """
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def on_forward(module: nn.Module, args: tuple, output: Any) -> None:
+            # 1x1 outputs are global pools (or squeeze-excitation gates), not a stage
+            if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2:].numel() > 1:
+                calls.append((name, tuple(output.shape[2:])))
+
+        return on_forward
+
+    handles = [m.register_forward_hook(record(name)) for name, m in model.named_modules() if name]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    ends: list[tuple[tuple[int, ...], str]] = []
+    for name, size in calls:
+        if ends and ends[-1][0] == size:
+            ends[-1] = (size, name)
+        else:
+            ends.append((size, name))
+    earlier = [name for _, name in ends[:-1]]
+    return [None, *reversed(earlier[-n_stages:])] if earlier else [None]
+
+
 def pool_features(t: torch.Tensor, pool: Pool) -> torch.Tensor:
     """Turn an activation into ``(N, D)`` features.
 
@@ -98,8 +136,9 @@ class FeatureHook:
 
     Args:
         model: the classifier.
-        layer: ``None`` (input of the last ``nn.Linear``), a dotted module name, a module of ``model``, or a
-            non-empty list of these.
+        layer: ``None`` (input of the last ``nn.Linear``), a dotted module name, a module of ``model``, a
+            non-empty list of these, or ``"auto"``: the penultimate layer plus two earlier stage ends, chosen by
+            :func:`auto_layers` on the first batch (``resolved_layers`` then lists them).
         pool: ``"avg"`` (default), ``"flatten"`` or ``None``.
         output_fn: maps the model's output to logits ``(N, C)``; default handles tensors, tuples and
             ``{"logits": ...}``.
@@ -129,6 +168,22 @@ class FeatureHook:
         self.model = model
         self.pool = pool
         self.output_fn = output_fn or default_output_fn
+        self._capture_input_arg = capture_input
+        self._auto = isinstance(layer, str) and layer == "auto" and "auto" not in dict(model.named_modules())
+        self.resolved_layers: list[str | None] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._was_training: bool | None = None
+        self._active = False
+        self.block_sizes: tuple[int, ...] | None = None
+        if self._auto:
+            self.layer_names, self.layer_name, self.modules, self.captures_input = [], "auto", [], []
+            self.module, self.capture_input, self.head = None, False, None
+            self._captured: list[torch.Tensor | None] = []
+            return
+        self._resolve(layer)
+
+    def _resolve(self, layer: Any) -> None:
+        model, capture_input = self.model, self._capture_input_arg
         specs = list(layer) if isinstance(layer, list | tuple) else [layer]
         if not specs:
             raise ValueError("layer is an empty list; name at least one layer (None = the penultimate one)")
@@ -143,10 +198,8 @@ class FeatureHook:
         self.capture_input = self.captures_input[0]
         single_linear = len(found) == 1 and self.capture_input and isinstance(self.module, nn.Linear)
         self.head = self.module if single_linear else None
-        self.block_sizes: tuple[int, ...] | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._was_training: bool | None = None
-        self._captured: list[torch.Tensor | None] = [None] * len(found)
+        self.resolved_layers = [None if spec is None else name for spec, (name, _, _) in zip(specs, found, strict=True)]
+        self._captured = [None] * len(found)
 
     @property
     def multi_layer(self) -> bool:
@@ -166,10 +219,11 @@ class FeatureHook:
         return on_forward
 
     def __enter__(self) -> FeatureHook:
-        if self._handles:
+        if self._active:
             raise RuntimeError("this FeatureHook is already active")
         self._was_training = self.model.training
         self.model.eval()
+        self._active = True
         self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
         return self
 
@@ -181,6 +235,7 @@ class FeatureHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._active = False
         if self._was_training is not None:
             self.model.train(self._was_training)
             self._was_training = None
@@ -188,8 +243,12 @@ class FeatureHook:
 
     def __call__(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on a batch: returns features ``(N, D)`` and logits ``(N, C)``."""
-        if not self._handles:
+        if not self._active:
             raise RuntimeError("use FeatureHook inside a `with` block (or call __enter__ first)")
+        if self._auto:
+            self._auto = False
+            self._resolve(auto_layers(self.model, x))
+            self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
         self._captured = [None] * len(self.modules)
         output = self.model(x)
         logits = self.output_fn(output)
