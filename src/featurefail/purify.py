@@ -64,7 +64,18 @@ def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head, Callable | No
     transform = getattr(scorer, "transform_", None)
     if gmm is None:
         raise ValueError("purify needs a detector fitted with the GMM scorer (scorer='gmm')")
+    if getattr(scorer, "per_layer", False):
+        raise ValueError(
+            "purify follows the gradient of one mixture; this detector scores each layer with its own "
+            "(per_layer=True). Fit a detector with layer=None and per_layer=False to purify"
+        )
     if head is None:
+        layers = getattr(detector, "layers_", None)
+        if isinstance(layers, list) and len(layers) > 1:
+            raise ValueError(
+                f"this detector hooks several layers ({layers}); the head re-classifies the penultimate features "
+                "only. Fit a detector with layer=None to purify, or pass head= mapping these features to logits"
+            )
         if detector.head_weight_ is None:
             raise ValueError(
                 "the hooked layer is not an nn.Linear, so there is no head to re-classify with; "
