@@ -172,3 +172,9 @@ def test_semi_supervised_use_needs_no_labels_at_all(trained_mlp):
     unlabelled = [s["train"][0][i : i + 100] for i in range(0, 900, 100)]  # bare tensors
     det = FailureDetector(n_components=4, progress=False).fit(model, unlabelled)
     assert np.isfinite(det.score(s["test"][0]).numpy()).all()
+
+
+def test_paper_preset_is_the_raw_penultimate_gmm():
+    det = FailureDetector.paper(n_components=7, seed=3)
+    assert det.config.scorer == "gmm" and det.config.layer is None and det.config.preprocess is None
+    assert det.config.n_components == 7 and det.config.seed == 3

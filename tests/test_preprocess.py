@@ -122,7 +122,7 @@ def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer,
     assert torch.equal(back.score(x[600:]), scores)
     _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
     torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="several layers|per_layer"):
+    with pytest.raises(ValueError, match=r"several layers|per_layer"):
         det.purify(x[600:605])
 
 

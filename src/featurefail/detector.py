@@ -155,6 +155,13 @@ class FailureDetector:
         self._forward_lock = threading.Lock()
         self._layers: list[str | None] | None = None
 
+    @classmethod
+    def paper(cls, n_components: int = 100, **kwargs: Any) -> FailureDetector:
+        """The paper's method exactly: a class-agnostic diagonal GMM-``n_components`` on the raw penultimate
+        features (input of the last ``nn.Linear``), no preprocessing. Other settings as keywords."""
+        settings = {"scorer": "gmm", "layer": None, "preprocess": None, **kwargs, "n_components": n_components}
+        return cls(**settings)
+
     # ---- plumbing ---------------------------------------------------------------------------------------------
 
     def _new_scorer(self) -> Scorer:
