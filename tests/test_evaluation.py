@@ -286,3 +286,23 @@ def test_collected_data_round_trips_and_rescoring_equals_evaluate(tiny_task, tmp
     )
     cached = evaluate_features(back, scorers=["gmm", "max_logit"], scorer_options={"gmm": {"n_components": 3}})
     assert [(r.source, r.scorer, r.auroc) for r in cached.rows] == [(r.source, r.scorer, r.auroc) for r in direct.rows]
+
+
+def test_collect_with_auto_layers_round_trips_and_block_zero_is_the_penultimate(tiny_task, tmp_path):
+    from featurefail.evaluate import EvalData, collect
+
+    model, tr, va, te = tiny_task
+    multi = collect(model, tr, va, te, ood={"noise": gaussian_noise(tr[0], 30)}, layer="auto")
+    single = collect(model, tr, va, te, ood={"noise": gaussian_noise(tr[0], 30)})
+    assert multi.layers == [None, "conv1"] and multi.train.blocks == (20, 8)
+    multi.save(tmp_path / "multi.safetensors")
+    back = EvalData.load(tmp_path / "multi.safetensors")
+    assert back.layers == multi.layers and back.sources[-1].failures.blocks == (20, 8)
+    penultimate = back.select_blocks(0)
+    assert penultimate.layers == [None] and penultimate.train.blocks is None
+    for a, b in zip(
+        [penultimate.train, penultimate.test, penultimate.sources[-1].failures],
+        [single.train, single.test, single.sources[-1].failures],
+        strict=True,
+    ):
+        torch.testing.assert_close(a.feats, b.feats)
