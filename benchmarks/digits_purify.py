@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     data = load_digits_splits(args.seed)
     model = train_classifier(DigitsCNN(), data.x_train, data.y_train, epochs=12, seed=args.seed)
-    det = FailureDetector(n_components=args.n_components, seed=args.seed, progress=False)
+    det = FailureDetector.paper(n_components=args.n_components, seed=args.seed, progress=False)
     det.fit(model, [(data.x_train, data.y_train)])
     val = det.features(data.x_val)
     test = det.features(data.x_test)

@@ -19,7 +19,7 @@ def loader(x, y=None, bs=128):
 @pytest.fixture(scope="module")
 def fitted(trained_mlp):
     model, s = trained_mlp
-    det = FailureDetector(n_components=6, progress=False).fit(model, loader(*s["train"]))
+    det = FailureDetector.paper(n_components=6, progress=False).fit(model, loader(*s["train"]))
     return det, model, s
 
 
@@ -42,14 +42,14 @@ def test_fit_ignores_labels_and_scores_higher_for_typical_inputs(fitted):
     assert typical.shape == (300,) and torch.isfinite(typical).all()
     assert typical.median() > far.max()
     # unlabelled loader gives exactly the same detector
-    det2 = FailureDetector(n_components=6, progress=False).fit(model, loader(s["train"][0]))
+    det2 = FailureDetector.paper(n_components=6, progress=False).fit(model, loader(s["train"][0]))
     torch.testing.assert_close(det2.score(x_test), typical)
     torch.testing.assert_close(score(det, x_test), typical)
 
 
 def test_bpd_score_is_scaled_loglik(fitted):
     det, model, s = fitted
-    bpd = FailureDetector(n_components=6, score="bpd", progress=False).fit(model, loader(*s["train"]))
+    bpd = FailureDetector.paper(n_components=6, score="bpd", progress=False).fit(model, loader(*s["train"]))
     torch.testing.assert_close(
         bpd.score(s["test"][0]), det.score(s["test"][0]) / (24 * math.log(2)), rtol=1e-5, atol=1e-5
     )

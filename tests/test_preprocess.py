@@ -57,7 +57,7 @@ def test_each_option_fits_without_labels_and_round_trips(spec, task, tmp_path):
 
 def test_purification_goes_through_the_transform(task):
     model, x = task
-    det = FailureDetector(n_components=3, preprocess="tanh", progress=False).fit(model, [x[:600]])
+    det = FailureDetector(n_components=3, preprocess="tanh", per_layer=False, progress=False).fit(model, [x[:600]])
     feats = det.features(x[600:605]).feats.double()
     _, grad = bpd_gradient(det.scorer_.gmm, feats, det.scorer_.transform_)
     h = 1e-6
@@ -122,15 +122,31 @@ def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer,
     assert torch.equal(back.score(x[600:]), scores)
     _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
     torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match=r"several layers|per_layer"):
+    with pytest.raises(ValueError, match=r"several layers|2 layers"):
         det.purify(x[600:605])
 
 
-def test_per_layer_needs_several_layers(task):
+def test_per_layer_on_one_layer_is_one_mixture(task):
     model, x = task
-    det = FailureDetector(n_components=3, scorer_options={"per_layer": True}, progress=False)
-    with pytest.raises(ValueError, match="several layers"):
-        det.fit(model, [x[:600]])
+    options = dict(n_components=3, layer=None, preprocess="l2", progress=False)
+    one = FailureDetector(per_layer=True, **options).fit(model, [x[:600]])
+    plain = FailureDetector(per_layer=False, **options).fit(model, [x[:600]])
+    assert one.scorer_.blocks_ == (24,)
+    torch.testing.assert_close(one.score(x[600:]), plain.score(x[600:]))
+
+
+def test_default_detector_is_the_study_choice_and_paper_is_the_raw_gmm(task):
+    from featurefail.scorers import GMMScorer
+
+    model, x = task
+    default = FailureDetector(n_components=3, progress=False)
+    assert (default.config.layer, default.config.preprocess, default.config.per_layer) == ("auto", "l2", True)
+    paper = FailureDetector.paper(n_components=3, progress=False).fit(model, [x[:600]])
+    assert (paper.config.layer, paper.config.preprocess, paper.config.per_layer) == (None, None, False)
+    feats = paper.features(x[:600])
+    raw = GMMScorer(3, random_state=0).fit(feats)
+    torch.testing.assert_close(paper.score(x[600:]), raw.score(paper.features(x[600:])))
+    assert FailureDetector(scorer="mahalanobis").config.layer is None
 
 
 def test_runner_asserts_preprocessing_sees_only_training_features(task):

@@ -21,7 +21,7 @@ def two_clusters(n: int = 2000, seed: int = 0):
 
 
 def detector_on(feats: torch.Tensor, k: int = 2) -> FailureDetector:
-    det = FailureDetector(n_components=k, progress=False, seed=0).fit_features(Features(feats))
+    det = FailureDetector.paper(n_components=k, progress=False, seed=0).fit_features(Features(feats))
     det.head_weight_ = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
     det.head_bias_ = torch.tensor([0.5, -0.5])  # logit gap = 2x - 1 -> boundary at x = 0.5... shifted below
     return det

@@ -60,15 +60,18 @@ def bpd_gradient(gmm: Any, feats: torch.Tensor, transform: Callable | None = Non
 
 def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head, Callable | None]:
     scorer = getattr(detector, "scorer_", None)
+    if getattr(scorer, "per_layer", False):
+        blocks = getattr(scorer, "block_scorers_", [])
+        if len(blocks) != 1:
+            raise ValueError(
+                "purify follows the gradient of one mixture on the penultimate features; this detector scores "
+                f"{len(blocks)} layers with a mixture each. Use FailureDetector.paper() (or layer=None) to purify"
+            )
+        scorer = blocks[0]  # one layer: the per-layer scorer is one mixture
     gmm = getattr(scorer, "gmm", None)
     transform = getattr(scorer, "transform_", None)
     if gmm is None:
         raise ValueError("purify needs a detector fitted with the GMM scorer (scorer='gmm')")
-    if getattr(scorer, "per_layer", False):
-        raise ValueError(
-            "purify follows the gradient of one mixture; this detector scores each layer with its own "
-            "(per_layer=True). Fit a detector with layer=None and per_layer=False to purify"
-        )
     if head is None:
         layers = getattr(detector, "layers_", None)
         if isinstance(layers, list) and len(layers) > 1:

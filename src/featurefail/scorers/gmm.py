@@ -32,7 +32,8 @@ class GMMScorer:
             the transformed features.
         per_layer: for features of several layers (``FailureDetector(layer=[None, "layer2"])``, i.e.
             ``Features.blocks`` set): fit one preprocessing + mixture per layer block and score
-            ``Σ_l log p_l(F_l)``. Without it, one mixture models the concatenated blocks.
+            ``Σ_l log p_l(F_l)``. Without it, one mixture models the concatenated blocks. Single-layer
+            features are one block (the same as ``per_layer=False``).
         **gmm_kwargs: passed to :class:`~featurefail.DiagonalGMM` (``max_iter``, ``tol``, ``reg_covar``,
             ``init``, ``n_init``, ``random_state``, ``device``, ``chunk_size``).
     """
@@ -72,12 +73,7 @@ class GMMScorer:
     def fit(self, features: Features) -> GMMScorer:
         check_features(features, who="GMMScorer")
         if self.per_layer:
-            if features.blocks is None:
-                raise ValueError(
-                    "per_layer=True needs features of several layers (Features.blocks); hook them with "
-                    "layer=[None, 'some.module', ...]"
-                )
-            self.blocks_ = features.blocks
+            self.blocks_ = features.blocks or (features.feats.shape[1],)
             self.block_scorers_ = [self._block_scorer() for _ in self.blocks_]
             for i, scorer in enumerate(self.block_scorers_):
                 scorer.fit(features.select_blocks(i))
