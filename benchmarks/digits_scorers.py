@@ -35,7 +35,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in available_scorers():
         t0 = time.perf_counter()
-        kw = {"n_components": 10, "seed": args.seed} if name == "gmm" else {"scorer_options": OPTIONS.get(name, {})}
+        # "gmm" = the paper's GMM on the raw penultimate features, as the other scorers see them
+        paper = {"n_components": 10, "seed": args.seed, "layer": None, "preprocess": None, "per_layer": False}
+        kw = paper if name == "gmm" else {"scorer_options": OPTIONS.get(name, {})}
         det = FailureDetector(scorer=name, progress=False, **kw).fit(model, train)
         det.calibrate(val, folds=3)
         feats = det.features(data.x_test)
