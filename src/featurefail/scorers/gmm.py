@@ -70,6 +70,11 @@ class GMMScorer:
     def _block_scorer(self) -> GMMScorer:
         return GMMScorer(self.n_components, "loglik", self.random_state, self.preprocess, **self.gmm_kwargs)
 
+    def _fitted_blocks(self) -> tuple[int, ...]:
+        if self.blocks_ is None:
+            raise NotFittedError("this GMMScorer is not fitted yet; call fit(features) first")
+        return self.blocks_
+
     def fit(self, features: Features) -> GMMScorer:
         check_features(features, who="GMMScorer")
         if self.per_layer:
@@ -85,16 +90,13 @@ class GMMScorer:
 
     def score(self, features: Features) -> torch.Tensor:
         if self.per_layer:
-            if self.blocks_ is None:
-                raise NotFittedError("this GMMScorer is not fitted yet; call fit(features) first")
-            if features.blocks is not None and features.blocks != self.blocks_:
-                raise ValueError(
-                    f"features have layer blocks {features.blocks}; the scorer was fitted on {self.blocks_}"
-                )
-            blocks = Features(features.feats, blocks=self.blocks_ if len(self.blocks_) > 1 else None)
-            loglik = sum(s.score(blocks.select_blocks(i)) for i, s in enumerate(self.block_scorers_))
-            assert isinstance(loglik, torch.Tensor)
-            return loglik / (sum(self.blocks_) * math.log(2.0)) if self.score_kind == "bpd" else loglik
+            fitted = self._fitted_blocks()
+            if features.blocks is not None and features.blocks != fitted:
+                raise ValueError(f"features have layer blocks {features.blocks}; the scorer was fitted on {fitted}")
+            blocks = Features(features.feats, blocks=fitted if len(fitted) > 1 else None)
+            parts = [s.score(blocks.select_blocks(i)) for i, s in enumerate(self.block_scorers_)]
+            loglik = torch.stack(parts).sum(0)
+            return loglik / (sum(fitted) * math.log(2.0)) if self.score_kind == "bpd" else loglik
         feats = features.feats
         finite = torch.isfinite(feats).all(dim=1)
         safe = torch.where(finite[:, None], feats, torch.zeros_like(feats))
@@ -109,11 +111,9 @@ class GMMScorer:
         from ..deploy import BlockSumScoreModule, GMMScoreModule, TransformedScoreModule
 
         if self.per_layer:
-            if self.blocks_ is None:
-                raise NotFittedError("this GMMScorer is not fitted yet; call fit(features) first")
-            parts = [s.as_module() for s in self.block_scorers_]
-            scale = 1.0 / (sum(self.blocks_) * math.log(2.0)) if self.score_kind == "bpd" else 1.0
-            return BlockSumScoreModule(self.blocks_, parts, scale)
+            fitted = self._fitted_blocks()
+            scale = 1.0 / (sum(fitted) * math.log(2.0)) if self.score_kind == "bpd" else 1.0
+            return BlockSumScoreModule(fitted, [s.as_module() for s in self.block_scorers_], scale)
         module = GMMScoreModule(self.gmm, bpd=self.score_kind == "bpd")
         return module if self.transform_ is None else TransformedScoreModule(self.transform_, module)
 
@@ -130,9 +130,7 @@ class GMMScorer:
 
     def state_dict(self) -> dict[str, Any]:
         if self.per_layer:
-            if self.blocks_ is None:
-                raise NotFittedError("this GMMScorer is not fitted yet; call fit(features) first")
-            state: dict[str, Any] = {"blocks": torch.tensor(self.blocks_, dtype=torch.int64)}
+            state: dict[str, Any] = {"blocks": torch.tensor(self._fitted_blocks(), dtype=torch.int64)}
             for i, scorer in enumerate(self.block_scorers_):
                 state.update({f"block{i}.{k}": v for k, v in scorer.state_dict().items()})
             return state
