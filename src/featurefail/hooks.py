@@ -224,8 +224,11 @@ class FeatureHook:
         self._was_training = self.model.training
         self.model.eval()
         self._active = True
-        self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
+        self._register()
         return self
+
+    def _register(self) -> None:
+        self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
@@ -248,7 +251,7 @@ class FeatureHook:
         if self._auto:
             self._auto = False
             self._resolve(auto_layers(self.model, x))
-            self._handles = [m.register_forward_hook(self._make_callback(i)) for i, m in enumerate(self.modules)]
+            self._register()
         self._captured = [None] * len(self.modules)
         output = self.model(x)
         logits = self.output_fn(output)
