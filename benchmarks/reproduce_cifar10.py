@@ -81,7 +81,8 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     (x_tr, y_tr), val, (x_te, y_te) = splits
     layers = auto_layers(model, x_te[:2])  # what FailureDetector(layer="auto") hooks: [None, stage ends]
     data = EvalData.load(cache) if cache.exists() and not args.refresh else None
-    if data is not None and data.layers == layers and (data.train.inputs is not None or not args.density):
+    from_cache = data is not None and data.layers == layers and (data.train.inputs is not None or not args.density)
+    if from_cache:
         say(f"reusing cached features {cache}")
     else:
         attacks = [f"{kind}:{eps}/255" for kind in ("fgsm", "bim") for eps in (1, 2, 4, 8)]
@@ -143,6 +144,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
         "layers": [layer or "penultimate (input of fc)" for layer in layers],
         "seconds": time.perf_counter() - t0,
         "collect_seconds": t_collect,
+        "from_cache": from_cache,
         "study_seconds": study_seconds,
         "density": bool(args.density),
         "pixelcnn_train": args.pixelcnn_train,
@@ -223,8 +225,9 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         "by hand.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}. Wall time of the last invocation: {total / 60:.1f} min "
-        "(features and attacks are cached; a rerun with the cache only refits the scorers). Per-model times below.",
+        f"torch {torch.__version__}. Evaluation time summed over the models: "
+        f"{sum(run['seconds'] for run in runs) / 60:.1f} min (per model below; features and attacks are cached, so "
+        f"a rerun only refits the scorers); this page was written by an invocation of {total / 60:.1f} min.",
         "",
         "Data: CIFAR-10 from `cifar10_train.npz`/`cifar10_test.npz` (JPEG re-encoded, see the data README), a "
         "seeded stratified 45,000/5,000 train/validation split. Attacks: untargeted L∞ FGSM and BIM (10 steps) at "
@@ -249,7 +252,12 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
             f"{info['arch']} ({info['config']} configuration){_semi(info)}; "
             f"trained {info['epochs']} epochs on {info['device']} in {info['train_seconds'] / 60:.1f} min; "
             f"test accuracy {100 * run['result'].accuracy:.2f}%. Evaluation: {run['seconds'] / 60:.1f} min "
-            f"(feature extraction and attacks {run['collect_seconds'] / 60:.1f} min; the beyond-the-paper study "
+            + (
+                "(features and attacks read from the cache"
+                if run.get("from_cache", True)
+                else f"(feature extraction and attacks {run['collect_seconds'] / 60:.1f} min"
+            )
+            + f"; the beyond-the-paper study "
             f"{run['study_seconds'] / 60:.1f} min). Density scorers on features and inputs (VAE, MAF, PixelCNN): "
             + (
                 f"run (VAE and MAF 20 epochs; PixelCNN 1 epoch on {run['pixelcnn_train']} training images, "
