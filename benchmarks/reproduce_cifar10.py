@@ -254,7 +254,7 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
             f"test accuracy {100 * run['result'].accuracy:.2f}%. Evaluation: {run['seconds'] / 60:.1f} min "
             + (
                 "(features and attacks read from the cache"
-                if run.get("from_cache", True)
+                if run.get("from_cache", False)
                 else f"(feature extraction and attacks {run['collect_seconds'] / 60:.1f} min"
             )
             + f"; the beyond-the-paper study "
