@@ -510,6 +510,26 @@ def claims(run: dict) -> list[tuple[str, str, str]]:
             _verdict(len(near_maha) == len(attacks), bool(near_maha)),
         ),
     ]
+    if ("test mistakes", "vae") in auroc and ("test mistakes", "maf") in auroc:
+        flexible = max(auroc[("test mistakes", "vae")], auroc[("test mistakes", "maf")])
+        out.append(
+            (
+                "a GMM on the features detects test mistakes better than a VAE or MAF on the features",
+                f"GMM-100 {gmm100:.1f}, VAE {auroc[('test mistakes', 'vae')]:.1f}, "
+                f"MAF {auroc[('test mistakes', 'maf')]:.1f}",
+                _verdict(gmm100 > flexible),
+            )
+        )
+    if ("ood: fashion-mnist", "pixelcnn") in auroc:
+        fashion = auroc[("ood: fashion-mnist", "pixelcnn")]
+        out.append(
+            (
+                "a PixelCNN on the images fails on Fashion-MNIST (paper: 0.6) and mistakes",
+                f"Fashion-MNIST {fashion:.1f}, MNIST {auroc.get(('ood: mnist', 'pixelcnn'), float('nan')):.1f}, "
+                f"mistakes {auroc[('test mistakes', 'pixelcnn')]:.1f}",
+                _verdict(fashion < 50 and auroc[("test mistakes", "pixelcnn")] < gmm100),
+            )
+        )
     noise = "ood: gaussian-noise"
     if (noise, "GMM-1000") in auroc:
         gmm, calibrated = auroc[(noise, "GMM-1000")], auroc[(noise, "temperature")]
