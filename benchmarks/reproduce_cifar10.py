@@ -558,7 +558,8 @@ def agreement_section(runs: list[dict]) -> list[str]:
         "## Where we agree with the paper and where we do not",
         "",
         "Each claim is checked per model from the tables below (the evidence is under each model). The paper's "
-        "CIFAR-10 figures are for a DenseNet-100 trained on a GPU; ours are the smaller CPU configurations.",
+        "CIFAR-10 figures are for a DenseNet-100 trained on a GPU; ours are the smaller CPU configurations. "
+        "— = the scorers involved were not run for that model (`--density`).",
         "",
         "| claim | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
