@@ -491,8 +491,8 @@ def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: 
 def _assert_preprocessing_fitted_on_train(seen: list[torch.Tensor], f_train: Features, scorer: str) -> None:
     """Every feature preprocessing was fitted on exactly the training features (all of them, or one layer
     block of them) — so never on a validation, test, adversarial or OOD row."""
+    candidates = [f_train.feats] + [f_train.feats[:, cols] for cols in f_train.block_slices()]
     for feats in seen:
-        candidates = [f_train.feats] + [f_train.feats[:, cols] for cols in f_train.block_slices()]
         assert any(feats.shape == c.shape and torch.equal(feats.to(c.dtype), c) for c in candidates), (
             f"scorer {scorer!r} fitted a feature preprocessing on {tuple(feats.shape)} features that are not the "
             "training features"
