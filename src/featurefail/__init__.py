@@ -6,8 +6,9 @@ features get a low likelihood (Understanding classifier mistakes with generative
 
 from . import metrics, scorers
 from .detector import DetectorConfig, FailureDetector, detect, score
+from .exceptions import NotFittedError
 from .features import Features, extract_features
-from .gmm import DiagonalGMM, NotFittedError
+from .gmm import DiagonalGMM
 from .hooks import FeatureHook
 from .purify import PurifyResult, purification_grid, purify
 from .stats import MannWhitneyResult, mann_whitney

@@ -13,8 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from .exceptions import NotFittedError
 from .features import Features, extract_features
-from .gmm import NotFittedError
 from .hooks import FeatureHook
 from .scorers.base import Scorer, get_scorer
 from .threshold import ThresholdResult, cross_validate_threshold, parse_strategy

@@ -36,6 +36,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ._tensor import as_2d_tensor, count_nonfinite_rows, full_precision_matmul, progress
+from .exceptions import NotFittedError
 
 __all__ = ["DiagonalGMM", "NotFittedError"]
 
@@ -52,10 +53,6 @@ _CPU_CHUNK_BYTES = 64 * 2**20
 _CUDA_CHUNK_FRACTION = 0.25
 _CUDA_CHUNK_MAX_BYTES = 4 * 2**30
 _INITS = ("kmeans++", "random_from_data")
-
-
-class NotFittedError(RuntimeError):
-    """Raised when an estimator or detector is used before ``fit``."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import NotFittedError
 from ..metrics import auroc
 from .base import check_features, register_scorer
 from .gmm import GMMScorer

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import torch
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import DiagonalGMM, NotFittedError
+from ..gmm import DiagonalGMM
 from ..preprocess import make_transform
 from .base import check_features, register_scorer
 

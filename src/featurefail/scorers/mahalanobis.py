@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import NotFittedError
 from ..hooks import FeatureHook
 from ..metrics import auroc
 from .base import check_features, register_scorer

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import NotFittedError
 from ._training import load_network, network_state, resolve_device, train_density
 from .base import register_scorer
 

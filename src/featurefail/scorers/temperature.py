@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import NotFittedError
 from .base import check_features, register_scorer
 
 __all__ = ["TemperatureScaling", "fit_temperature"]

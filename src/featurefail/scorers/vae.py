@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..exceptions import NotFittedError
 from ..features import Features
-from ..gmm import NotFittedError
 from ._training import Standardizer, load_network, network_state, resolve_device, train_density
 from .base import check_features, register_scorer
 
