@@ -7,6 +7,22 @@ adversarial or out-of-distribution inputs), higher score = more normal.
 * ``aupr_in``: average precision with normal samples positive, ranked by score.
 * ``aupr_out``: average precision with failures positive, ranked by ``-score``.
 * ``fpr_at_tpr``: fraction of failures accepted when the threshold keeps ``tpr`` of the normal samples.
+
+Risk-coverage metrics (selective classification, following FD-Shifts, Jaeger et al., ICLR 2023): the score is
+the confidence, an input is *accepted* when ``score >= t``, *coverage* is the fraction accepted and the
+(selective) *risk* is the fraction of failures among the accepted. Sliding ``t`` over the distinct scores gives
+the risk-coverage curve; ties are never split (one curve point per distinct score, as FD-Shifts'
+``selective_risk_stats`` does). In a mixed stream a "failure" is whatever the caller counts as one, e.g. a wrong
+prediction on an in-distribution or shifted input, or any out-of-distribution input.
+
+* ``risk_coverage_curve``: the curve's points, coverage descending.
+* ``aurc``: area under it by the trapezoidal rule, closed by a flat segment from the last point to coverage 0
+  (FD-Shifts' linear interpolation; without ties it is the mean selective risk over the coverages
+  ``1/N, ..., N/N`` up to ``(r_1 - r_N) / 2N``). A fraction in [0, 1] (FD-Shifts prints it times 1000).
+* ``eaurc``: ``aurc`` minus the AURC of an ideal score, ``e + (1 - e) ln(1 - e)`` with ``e`` the overall failure
+  rate (FD-Shifts' closed form; it can be slightly negative with few samples).
+* ``risk_at_coverage``, ``coverage_at_risk``: one working point each, read off the curve (empirical, no guarantee;
+  see :mod:`featurefail.threshold` for thresholds with guarantees).
 """
 
 from __future__ import annotations
@@ -17,10 +33,27 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-__all__ = ["aupr_in", "aupr_out", "auroc", "ece", "fpr_at_tpr"]
+__all__ = [
+    "aupr_in",
+    "aupr_out",
+    "aurc",
+    "auroc",
+    "coverage_at_risk",
+    "eaurc",
+    "ece",
+    "fpr_at_tpr",
+    "labelled",
+    "risk_at_coverage",
+    "risk_coverage_curve",
+]
 
 
-def _labelled(normal: Any, failure: Any) -> tuple[np.ndarray, np.ndarray]:
+def labelled(normal: Any, failure: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate ``(n,)`` normal and ``(m,)`` failure scores: ``(scores (n+m,), is_normal (n+m,) int)``.
+
+    Scores stay in order; ``-inf``/``+inf`` are replaced by finite values below/above every finite score (ties
+    among them kept) so scikit-learn can rank them. NaN raises ValueError.
+    """
     n = np.asarray(normal.detach().cpu() if hasattr(normal, "detach") else normal, dtype=np.float64).ravel()
     f = np.asarray(failure.detach().cpu() if hasattr(failure, "detach") else failure, dtype=np.float64).ravel()
     if n.size == 0 or f.size == 0:
@@ -39,19 +72,19 @@ def _labelled(normal: Any, failure: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def auroc(normal: Any, failure: Any) -> float:
     """AUROC, normal samples positive: ``(n,), (m,) -> float`` in [0, 1]."""
-    scores, is_normal = _labelled(normal, failure)
+    scores, is_normal = labelled(normal, failure)
     return float(roc_auc_score(is_normal, scores))
 
 
 def aupr_in(normal: Any, failure: Any) -> float:
     """Average precision with normal samples as the positive class, ranked by score."""
-    scores, is_normal = _labelled(normal, failure)
+    scores, is_normal = labelled(normal, failure)
     return float(average_precision_score(is_normal, scores))
 
 
 def aupr_out(normal: Any, failure: Any) -> float:
     """Average precision with failures as the positive class, ranked by ``-score``."""
-    scores, is_normal = _labelled(normal, failure)
+    scores, is_normal = labelled(normal, failure)
     return float(average_precision_score(1 - is_normal, -scores))
 
 
@@ -59,9 +92,57 @@ def fpr_at_tpr(normal: Any, failure: Any, tpr: float = 0.95) -> float:
     """Fraction of failures scored at or above the threshold that keeps ``tpr`` of the normal samples."""
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    scores, is_normal = _labelled(normal, failure)
+    scores, is_normal = labelled(normal, failure)
     fpr, tprs, _ = roc_curve(is_normal, scores)
     return float(fpr[np.searchsorted(tprs, tpr, side="left")])
+
+
+def risk_coverage_curve(normal: Any, failure: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Risk-coverage curve: ``(coverages, risks, thresholds)``, each ``(P,)`` with ``P`` distinct scores.
+
+    Point ``i`` accepts the inputs with ``score >= thresholds[i]``: ``coverages[i]`` of all ``n + m`` inputs, of which
+    a fraction ``risks[i]`` are failures. Coverage descends from 1 (thresholds ascend); ties are never split.
+    Infinite scores are ranked as by :func:`labelled`, so thresholds are finite.
+    """
+    scores, is_normal = labelled(normal, failure)
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    failures = np.cumsum(1 - is_normal[order])
+    last = np.concatenate([np.flatnonzero(np.diff(s) < 0), [s.size - 1]])  # last index of each tie group
+    accepted = last + 1
+    return (accepted / s.size)[::-1], (failures[last] / accepted)[::-1], s[last][::-1]
+
+
+def aurc(normal: Any, failure: Any) -> float:
+    """Area under the risk-coverage curve (lower is better), a fraction in [0, 1]; see the module docstring."""
+    coverages, risks, _ = risk_coverage_curve(normal, failure)
+    c = np.concatenate([coverages, [0.0]])
+    r = np.concatenate([risks, risks[-1:]])
+    return float(np.sum((r[:-1] + r[1:]) / 2.0 * (c[:-1] - c[1:])))
+
+
+def eaurc(normal: Any, failure: Any) -> float:
+    """Excess AURC: :func:`aurc` minus the AURC of an ideal score with the same failure rate ``e``."""
+    e = 1.0 - float(labelled(normal, failure)[1].mean())
+    optimal = 1.0 if e >= 1.0 else e + (1.0 - e) * float(np.log1p(-e))
+    return aurc(normal, failure) - optimal
+
+
+def risk_at_coverage(normal: Any, failure: Any, coverage: float) -> float:
+    """Selective risk at the most selective curve point that still accepts at least ``coverage`` of the inputs."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    coverages, risks, _ = risk_coverage_curve(normal, failure)
+    return float(risks[np.flatnonzero(coverages >= coverage - 1e-12)[-1]])
+
+
+def coverage_at_risk(normal: Any, failure: Any, risk: float) -> float:
+    """Largest coverage among the curve points whose selective risk is ``<= risk`` (0.0 when there is none)."""
+    if not 0.0 <= risk <= 1.0:
+        raise ValueError(f"risk must be in [0, 1], got {risk}")
+    coverages, risks, _ = risk_coverage_curve(normal, failure)
+    ok = risks <= risk + 1e-12
+    return float(coverages[ok].max()) if ok.any() else 0.0
 
 
 def ece(logits: Any, labels: Any, n_bins: int = 10) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["reliability_diagram", "roc_pr_curves", "score_histogram", "write_report"]
+__all__ = ["reliability_diagram", "risk_coverage_curves", "roc_pr_curves", "score_histogram", "write_report"]
 
 
 def _pyplot():
@@ -87,12 +87,12 @@ def roc_pr_curves(scores: Mapping[str, tuple[Any, Any]], path: str | Path, *, ti
     """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from .metrics import _labelled, aupr_out, auroc
+    from .metrics import aupr_out, auroc, labelled
 
     plt = _pyplot()
     fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, (normal, failure) in scores.items():
-        s, is_normal = _labelled(normal, failure)
+        s, is_normal = labelled(normal, failure)
         fpr, tpr, _ = roc_curve(is_normal, s)
         ax_roc.plot(fpr, tpr, label=f"{name} ({100 * auroc(normal, failure):.1f})")
         precision, recall, _ = precision_recall_curve(1 - is_normal, -s)
@@ -108,6 +108,46 @@ def roc_pr_curves(scores: Mapping[str, tuple[Any, Any]], path: str | Path, *, ti
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save(fig, path, dpi=110)
+
+
+def risk_coverage_curves(
+    scores: Mapping[str, tuple[Any, Any]],
+    path: str | Path,
+    *,
+    title: str = "",
+    target_risk: float | None = None,
+    working_points: Mapping[str, float] | None = None,
+) -> Path:
+    """Risk-coverage curves (selective risk against coverage, accepting ``score >= t``), one line per scorer.
+
+    Args:
+        scores: scorer name -> ``(normal_scores, failure_scores)``; the legend shows AURC (lower is better).
+        path: PNG file to write.
+        target_risk: draw this selective-risk target as a horizontal line.
+        working_points: scorer name -> threshold; marks the (coverage, risk) a chosen threshold reaches.
+    """
+    from .metrics import aurc, labelled, risk_coverage_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, (normal, failure) in scores.items():
+        coverages, risks, _ = risk_coverage_curve(normal, failure)
+        (line,) = ax.step(coverages, risks, where="post", label=f"{name} (AURC {1000 * aurc(normal, failure):.1f}‰)")
+        if working_points and name in working_points:
+            s, is_normal = labelled(normal, failure)
+            accepted = s >= working_points[name]
+            if accepted.any():
+                ax.plot(accepted.mean(), 1 - is_normal[accepted].mean(), "o", color=line.get_color())
+    if target_risk is not None:
+        ax.axhline(target_risk, color="grey", ls=":", lw=1, label=f"target risk {target_risk:g}")
+    ax.set_xlabel("coverage (fraction accepted)")
+    ax.set_ylabel("selective risk (failures among accepted)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
     return _save(fig, path, dpi=110)
 
 
