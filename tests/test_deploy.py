@@ -76,20 +76,50 @@ def test_as_module_on_a_named_layer_and_logit_scorers():
     torch.testing.assert_close(soft.as_module(threshold=0.5)(x)[1], soft.score(x))
 
 
-def test_untraceable_model_is_a_clear_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
+class Branchy(nn.Module):
+    """Python control flow on a tensor's rank: torch.fx cannot trace it, torch.export can."""
 
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
-                x = x * 2
-            return self.fc(x)
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+        self.fc = nn.Linear(6, 2)
 
-    det = FailureDetector(scorer="max_logit", progress=False).fit(Branchy(), [(torch.randn(8, 4),)])
-    with pytest.raises(ValueError, match=r"torch\.fx"):
-        det.as_module(threshold=0.0)
+    def forward(self, x):
+        h = self.body(x)
+        if h.dim() == 2:  # control flow on a traced value defeats symbolic tracing
+            h = h * 2
+        return self.fc(h)
+
+
+def test_untraceable_model_deploys_with_hooks_inside_and_exports(tmp_path):
+    from featurefail.deploy import HookedExtractor
+
+    torch.manual_seed(0)
+    model, x = Branchy(), torch.randn(40, 4)
+    det = FailureDetector(n_components=2, preprocess=None, per_layer=False, layer=None, progress=False)
+    det.fit(model, [(x,)])
+    module = det.as_module(threshold=0.0)
+    assert isinstance(module.extractor, HookedExtractor)
+    logits, score, _ = module(x)
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(score, det.score(x), rtol=1e-5, atol=1e-4)
+    assert not any(m._forward_hooks for m in model.modules())  # the hooks live on the module's own copy
+    exported = torch.export.export(module, (x[:4],))
+    for a, b in zip(exported.module()(x[:4]), module(x[:4]), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_as_module_never_changes_the_users_model_mode():
+    model = TinyResNet().train()
+    model.layer1[0].bn.eval()  # a frozen BatchNorm
+    modes = [m.training for m in model.modules()]
+    x = torch.rand(30, 1, 8, 8)
+    det = FailureDetector(n_components=2, progress=False).fit(model, [(x,)])
+    module = det.as_module(threshold=0.0)
+    assert [m.training for m in model.modules()] == modes
+    assert not module.training and not any(m.training for m in module.modules())
+    torch.testing.assert_close(module(x)[1], det.score(x), rtol=1e-5, atol=1e-4)
+    assert [m.training for m in model.modules()] == modes
 
 
 def test_concurrent_scores_equal_serial(resnet_detector):

@@ -92,14 +92,16 @@ def test_auto_layers_are_the_ends_of_the_earlier_resolution_stages():
 
     model = three_stage_cnn().train()
     x = torch.randn(4, 1, 16, 16)
-    assert auto_layers(model, x) == [None, "3", "1"]  # 8x8 stage ends at the ReLU "3", 16x16 at "1"
-    assert model.training  # mode restored
-    assert auto_layers(model, x, n_stages=1) == [None, "3"]
+    ends = [None, "3:output#channels_first", "1:output#channels_first"]
+    assert auto_layers(model, x) == ends  # 8x8 stage ends at the ReLU "3", 16x16 at "1"
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    assert auto_layers(model, x, n_stages=1) == ends[:2]
+    assert auto_layers(model, torch.randn(2, 1, 40, 40)) == ends  # the same modules at another input size
     assert auto_layers(mlp(), torch.randn(2, 16)) == [None]
     with FeatureHook(model, layer="auto") as hook:
         feats, _ = hook(x)
         again, _ = hook(x)
-    assert hook.resolved_layers == [None, "3", "1"] and hook.block_sizes == (8, 6, 4)
+    assert hook.resolved_layers == ends and hook.block_sizes == (8, 6, 4)
     torch.testing.assert_close(feats, again)
     with FeatureHook(model, layer=[None, "3", "1"]) as explicit:
         torch.testing.assert_close(explicit(x)[0], feats)
@@ -111,18 +113,19 @@ def test_detector_resolves_auto_at_fit_and_keeps_it(tmp_path):
     model = three_stage_cnn()
     x = torch.randn(240, 1, 16, 16)
     det = FailureDetector(n_components=2, layer="auto", preprocess="standardize", progress=False).fit(model, [x[:200]])
-    assert det.layers_ == [None, "3", "1"] and det.config.layer == "auto"
+    ends = [None, "3:output#channels_first", "1:output#channels_first"]
+    assert det.layers_ == ends and det.config.layer == "auto"
     scores = det.score(x[200:])
     det.save(tmp_path / "auto.safetensors")
     back = FailureDetector.load(tmp_path / "auto.safetensors", model=model)
-    assert back.layers_ == [None, "3", "1"]
+    assert back.layers_ == ends
     assert torch.equal(back.score(x[200:]), scores)
     torch.testing.assert_close(det.as_module(threshold=0.0)(x[200:])[1], scores, rtol=1e-5, atol=1e-4)
 
 
 def test_no_linear_lists_candidates_and_bad_names_are_clear():
-    with pytest.raises(ValueError, match=r"no nn.Linear.*conv"):
-        FeatureHook(NoLinear())
+    with pytest.raises(ValueError, match=r"no nn.Linear.*conv"), FeatureHook(NoLinear()) as hook:
+        hook(torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match="no module named 'layer9'"):
         FeatureHook(TinyResNet(), layer="layer9")
     with pytest.raises(ValueError, match="not part of the model"):
@@ -131,15 +134,20 @@ def test_no_linear_lists_candidates_and_bad_names_are_clear():
 
 def test_hook_restores_mode_and_handles_on_exception():
     model = TinyResNet().train()
+    model.layer1[0].bn.eval()  # a frozen BatchNorm inside a training model keeps its own mode
     hook = FeatureHook(model)
+    seen = []
+    model.layer1.register_forward_pre_hook(lambda m, a: seen.append(m.training))
 
     class Boom(RuntimeError):
         pass
 
     with pytest.raises(Boom), hook:
-        assert not model.training
+        hook(torch.randn(2, 1, 8, 8))
+        assert model.training  # eval only during the hooked forward pass
         raise Boom()
-    assert model.training
+    assert seen == [False, False]  # probe and capture ran in eval mode
+    assert model.training and not model.layer1[0].bn.training and model.layer1[1].bn.training
     assert not model.head._forward_hooks
     with pytest.raises(RuntimeError, match="with"):
         hook(torch.randn(2, 1, 8, 8))
