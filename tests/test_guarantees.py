@@ -216,9 +216,13 @@ def test_labelled_mistakes_drops_unlabelled_rows():
 def test_calibrate_threshold_dispatches_and_checks_arguments():
     rng = np.random.default_rng(8)
     s, wrong = _risk_data(rng, 4000)
-    assert calibrate_threshold(s, None, "fpr", alpha=0.05) == conformal_threshold(s, 0.05)
-    assert calibrate_threshold(s, wrong, "fpr", alpha=0.05, delta=0.1) == conformal_threshold(s, 0.05, 0.1)
-    assert calibrate_threshold(s, wrong, "risk", target_risk=0.05) == selective_risk_threshold(s, wrong, 0.05, 0.05)
+    same = [
+        (calibrate_threshold(s, None, "fpr", alpha=0.05), conformal_threshold(s, 0.05)),
+        (calibrate_threshold(s, wrong, "fpr", alpha=0.05, delta=0.1), conformal_threshold(s, 0.05, 0.1)),
+        (calibrate_threshold(s, wrong, "risk", target_risk=0.05), selective_risk_threshold(s, wrong, 0.05, 0.05)),
+    ]
+    for ours, ref in same:
+        assert ours.as_dict() == ref.as_dict()
     cv = calibrate_threshold(s, wrong, "f1", folds=3, seed=1)
     assert cv.guarantee == "" and cv.coverage == pytest.approx((s >= cv.threshold).mean())
     assert parse_strategy("fpr") == ("fpr", None) and parse_strategy("fpr@0.05") == ("fpr", 0.05)

@@ -511,15 +511,18 @@ def selective_risk_threshold(
     probability ``>= 1 - delta`` over the validation draw, the error rate among accepted inputs is
     ``<= target_risk``.
 
-    Method: candidates are at most ``n_candidates`` thresholds at coverages ``j / n_candidates`` of the sorted
-    validation scores (never splitting a tie; they depend on the scores only, not on ``wrong``). For each, the
-    exact one-sided Clopper-Pearson upper bound on the selective risk is computed at level ``delta / K``
-    (Bonferroni over the ``K`` candidates), and the candidate with the largest coverage whose bound is
-    ``<= target_risk`` wins. Conditionally on the scores, the mistakes among the ``m`` accepted inputs are
-    Binomial(m, risk) — exactly so for the region above the highest rejected score — so a union bound over the
-    ``K`` fixed candidates gives the guarantee. SGR's binary search tests only ``ceil(log2 n)`` thresholds but
-    relies on the risk being monotone in the threshold, and its tested points depend on the labels; the
-    Bonferroni grid needs neither, at the price of ``log(K)`` instead of ``log(log2 n)`` in the bound.
+    Method: the candidates accept the top ``m_j = ceil(j n / K)`` validation scores, ``j = 1..K`` with
+    ``K = n_candidates`` (moved down to the nearest tie boundary so ties are never split; duplicates merged). For
+    each, the exact one-sided Clopper-Pearson upper bound on the selective risk is computed at level ``delta / K``
+    (Bonferroni over the candidates), and the candidate with the largest coverage whose bound is ``<= target_risk``
+    wins. Why this is valid: given the highest rejected score ``v``, the ``m`` accepted samples are i.i.d. draws
+    from the distribution above ``v``, so their mistakes are exactly Binomial(m, R(v)), with ``R(v)`` the
+    selective risk of accepting ``score > v``; the grid positions depend on ``n`` only (for untied scores), so the
+    union bound over the ``K`` candidates holds. The returned threshold lies halfway between ``v`` and the lowest
+    accepted score, a sliver of probability mass (about ``1 / n``) inside that region. SGR's binary search tests
+    only ``ceil(log2 n)`` thresholds but relies on the risk being monotone in the threshold, and which thresholds
+    it tests depends on the labels; the Bonferroni grid needs neither, at the price of ``log K`` instead of
+    ``log log2 n`` inside the bound.
 
     Scores of ``-inf`` are always rejected. Drop unlabelled rows first (:func:`labelled_mistakes`).
 
