@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ._tensor import progress
-from .hooks import FeatureHook
+from .hooks import FeatureHook, ModelInputs, batch_rows, map_tensors
 
-__all__ = ["Features", "extract_features", "split_batch"]
+__all__ = ["Features", "extract_features", "from_batch_fn", "iter_batches", "n_rows", "split_batch"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets")
@@ -113,22 +113,114 @@ class Features:
         return cls(f, tensor(logits, torch.float32), tensor(labels, torch.int64))
 
 
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """``(inputs, labels or None)`` from a batch given as ``x``, ``(x,)``, ``(x, y, ...)`` or a mapping."""
-    if isinstance(batch, torch.Tensor):
+def _labels(y: Any) -> torch.Tensor | None:
+    return None if y is None else torch.as_tensor(y)
+
+
+def split_batch(batch: Any, label_key: str | None = None) -> tuple[Any, torch.Tensor | None]:
+    """``(inputs, labels or None)`` from one batch.
+
+    Accepted batches: a tensor ``x``; ``(x,)``, ``(x, y, ...)``; a mapping with an input key
+    (``x``, ``input``, ``inputs``, ``image``, ``images``, ``pixel_values``: that value is the input, a label key
+    ``y``/``label``/``labels``/``target``/``targets`` the labels); any other mapping is the model's **keyword
+    arguments** (``input_ids``, ``attention_mask``, ...): the label entry (``label_key``, default the first of
+    the label keys present) is removed and returned as the labels, the rest is passed as ``model(**kwargs)``;
+    :class:`~featurefail.hooks.ModelInputs` (``model(*args, **kwargs)``).
+    """
+    if isinstance(batch, torch.Tensor | ModelInputs):
         return batch, None
     if isinstance(batch, Mapping):
+        keys = (label_key,) if label_key is not None else _LABEL_KEYS
+        found = next((k for k in keys if k in batch), None)
+        y = batch[found] if found is not None else None
         x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
         if x is None:
-            raise ValueError(f"a batch mapping needs one of the keys {_INPUT_KEYS}; pass batch_fn= for others")
-        y = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-        return x, (torch.as_tensor(y) if y is not None else None)
+            x = {k: v for k, v in batch.items() if k != found}
+            if not x:
+                raise ValueError(f"a batch mapping holds only labels ({found!r}); it needs the model's inputs")
+        return x, _labels(y)
     if isinstance(batch, list | tuple):
         if len(batch) == 0:
             raise ValueError("empty batch")
         y = batch[1] if len(batch) > 1 else None
-        return batch[0], (torch.as_tensor(y) if y is not None else None)
+        return batch[0], _labels(y)
     raise TypeError(f"cannot read a batch of type {type(batch).__name__}; pass batch_fn=")
+
+
+def from_batch_fn(result: Any, label_key: str | None = None) -> tuple[Any, torch.Tensor | None]:
+    """``(inputs, labels)`` from what a ``batch_fn`` returned: ``x`` alone, a mapping (as :func:`split_batch`),
+    ``(inputs, labels)``, ``(args, kwargs)`` (a tuple/list and a mapping: ``model(*args, **kwargs)``, no labels),
+    ``((args, kwargs), labels)`` or :class:`~featurefail.hooks.ModelInputs`.
+
+    Raises:
+        TypeError: for anything else.
+    """
+    if isinstance(result, torch.Tensor | ModelInputs | Mapping):
+        return split_batch(result, label_key)
+    if isinstance(result, tuple | list):
+        if len(result) == 2 and isinstance(result[0], tuple | list) and isinstance(result[1], Mapping):
+            return ModelInputs(tuple(result[0]), dict(result[1])), None
+        if len(result) == 1:
+            return result[0], None
+        if len(result) == 2:
+            inputs, labels = result
+            if isinstance(inputs, tuple | list) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
+                inputs = ModelInputs(tuple(inputs[0]), dict(inputs[1]))
+            return inputs, _labels(labels)
+    raise TypeError(
+        "batch_fn must return x, (x, y), a mapping of model keyword arguments, (args, kwargs) or "
+        f"((args, kwargs), y); got {type(result).__name__}"
+        + (f" of length {len(result)}" if isinstance(result, tuple | list) else "")
+    )
+
+
+def n_rows(x: Any) -> int | None:
+    """Rows of a tensor batch or of a mapping batch (its first tensor); None for an iterable of batches."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.ndim > 0 else None
+    if isinstance(x, Mapping | ModelInputs):
+        return batch_rows(x)
+    return None
+
+
+def iter_batches(x: Any, batch_size: int) -> Iterable:
+    """Batches for :func:`extract_features` from what ``score()``/``detect()`` receive.
+
+    A tensor ``(N, ...)`` is split into chunks of ``batch_size`` rows; a mapping batch (keyword arguments,
+    possibly with labels) or :class:`~featurefail.hooks.ModelInputs` has every tensor whose first axis is ``N``
+    split alike (other values repeated in every chunk); anything else is taken as an iterable of batches (a
+    DataLoader, a list) and returned as it is. An empty tensor or mapping gives no batch (check :func:`n_rows`
+    first to return an empty result).
+
+    Raises:
+        TypeError: for a value that is neither a batch nor an iterable (a string, a number).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(x, torch.Tensor):
+        if x.ndim == 0:
+            raise ValueError("a 0-d tensor is not a batch; inputs need a batch dimension (N, ...)")
+        return [(chunk,) for chunk in torch.split(x, batch_size)] if x.shape[0] else []
+    if isinstance(x, Mapping | ModelInputs):
+        rows = batch_rows(x)
+        if rows is None:
+            raise ValueError("a mapping batch needs at least one tensor with a batch dimension")
+        if rows == 0:
+            return []
+
+        def chunk(start: int) -> Any:
+            return map_tensors(x, lambda t: t[start : start + batch_size] if t.ndim and t.shape[0] == rows else t)
+
+        return [chunk(start) for start in range(0, rows, batch_size)]
+    if isinstance(x, str | bytes | int | float) or not isinstance(x, Iterable):
+        raise TypeError(f"cannot score a {type(x).__name__}: pass a tensor, a batch mapping or an iterable of batches")
+    return x
+
+
+def _keep(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("this scorer models the inputs, so they must be one tensor per batch, not keyword arguments")
+    return x.float().cpu()
 
 
 def extract_features(
@@ -139,7 +231,8 @@ def extract_features(
     layer: Any = None,
     pool: Any = "avg",
     device: str | torch.device | None = None,
-    batch_fn: Callable[[Any], tuple[Any, Any]] | None = None,
+    batch_fn: Callable[[Any], Any] | None = None,
+    label_key: str | None = None,
     keep_inputs: bool = False,
     memmap_path: str | Path | None = None,
     progress_bar: bool = True,
@@ -147,13 +240,18 @@ def extract_features(
     """Run ``model`` over ``loader`` under ``torch.inference_mode`` and collect features, logits and labels.
 
     Args:
-        model: the classifier (left unmodified; its training mode is restored afterwards).
-        loader: an iterable of batches ``x``, ``(x,)``, ``(x, y)`` or mappings; ``batch_fn(batch)`` may map
-            other shapes to ``(x, y)``. Under ``torch.distributed`` with a ``DistributedSampler`` each rank
-            extracts its own shard (the sampler pads shards to equal length).
+        model: the classifier (left unmodified; it runs in eval mode during each pass, then every submodule's
+            mode is restored).
+        loader: an iterable of batches: ``x``, ``(x,)``, ``(x, y)``, mappings (image-style keys, or the
+            model's keyword arguments such as ``input_ids``/``attention_mask`` with a ``labels`` entry; see
+            :func:`split_batch`). ``batch_fn(batch)`` may map other shapes to ``x``, ``(x, y)``, a mapping,
+            ``(args, kwargs)`` or ``((args, kwargs), y)`` (:func:`from_batch_fn`). Under
+            ``torch.distributed`` with a ``DistributedSampler`` each rank extracts its own shard.
         hook: a :class:`FeatureHook` (made from ``layer`` and ``pool`` when None).
         device: where the model runs; default: the device of the model's first parameter (CPU if none).
-        keep_inputs: also keep the inputs (float32, CPU), for input-space scorers.
+        label_key: the label entry of mapping batches (default: the first of ``y``, ``label``, ``labels``,
+            ``target``, ``targets`` present).
+        keep_inputs: also keep the inputs (float32, CPU), for input-space scorers (tensor inputs only).
         memmap_path: write features to this ``.npy`` file as a memory map instead of RAM (needs
             ``len(loader.dataset)``), for sets larger than memory.
         progress_bar: show a tqdm bar on a terminal.
@@ -162,7 +260,7 @@ def extract_features(
         :class:`Features` with ``feats (N, D)`` float32 on the CPU.
 
     Raises:
-        ValueError: when the loader yields nothing.
+        ValueError: when the loader yields no sample (use :func:`n_rows` to handle an empty input first).
     """
     hook = hook or FeatureHook(model, layer=layer, pool=pool)
     if device is None:
@@ -179,11 +277,14 @@ def extract_features(
     saw_labels: bool | None = None
     with hook, torch.inference_mode():
         for batch in progress(loader, enabled=progress_bar, desc="extracting features", total=total):
-            x, y = batch_fn(batch) if batch_fn is not None else split_batch(batch)
-            if isinstance(x, torch.Tensor):
-                x = x.to(device)
+            x, y = from_batch_fn(batch_fn(batch), label_key) if batch_fn is not None else split_batch(batch, label_key)
+            if n_rows(x) == 0:
+                continue
+            x = map_tensors(x, lambda t: t.to(device))
             f, lg = hook(x)
             f = f.float().cpu()
+            if y is not None and torch.as_tensor(y).reshape(-1).shape[0] != f.shape[0]:
+                raise ValueError(f"a batch has {f.shape[0]} inputs but {torch.as_tensor(y).numel()} labels")
             if memmap_path is not None:
                 if mm is None:
                     n_total = len(loader.dataset)  # type: ignore[attr-defined]
@@ -202,7 +303,7 @@ def extract_features(
             if y is not None:
                 labels.append(torch.as_tensor(y).long().cpu().reshape(-1))
             if keep_inputs:
-                inputs.append(torch.as_tensor(x).float().cpu())
+                inputs.append(_keep(x))
     if offset == 0:
         raise ValueError("the loader yielded no samples")
     if mm is not None:

@@ -281,7 +281,12 @@ class _Trace:
 
 
 def _head_rows(inputs: Any, n: int = 2) -> Any:
-    return map_tensors(inputs, lambda t: t[:n] if t.ndim > 0 else t)
+    """The first ``n`` rows of a batch, for the probe pass (a 1-D first tensor may lack its batch axis: kept whole)."""
+    first = first_tensor(inputs)
+    if first is None or first.ndim < 2:
+        return inputs
+    rows = first.shape[0]
+    return map_tensors(inputs, lambda t: t[:n] if t.ndim > 0 and t.shape[0] == rows else t)
 
 
 def _forward_note(exc: BaseException, inputs: Any) -> None:
@@ -567,15 +572,26 @@ def _auto_from_trace(trace: _Trace, heads: list[_Call], n_stages: int, token_poo
     chosen: list[_Call] = []
     picked: list[str] = []
     if len(groups) > 1:
+        producer = {id(c.out): c for c in sorted(trace.calls, key=lambda c: c.end) if c.out is not None}
+
+        def single_resolution(c: _Call) -> bool:  # a stage end lies inside one stage: no container of stages
+            return _resolution(c.inp, _input_layout(c, producer)) == _resolution(c.out, c.layout)
+
+        def clashes(c: _Call) -> bool:
+            return any(c.contains(o) or o.contains(c) or c is o for o in chosen + heads)
+
         for _res, cands, _ in reversed(groups[:-1]):
             if len(chosen) == n_stages:
                 break
             for cand in sorted(cands, key=lambda c: (c.name.count("."), -c.end)):
-                clash = any(cand.contains(o) or o.contains(cand) for o in chosen + heads)
-                if not clash:
-                    chosen.append(cand)
-                    picked.append(_spec_of(cand, trace.counts, cand.layout or "channels_first"))
-                    break
+                if not single_resolution(cand) or clashes(cand):
+                    continue
+                # name the stage by its outermost module returning this very tensor (layer2, not layer2.3)
+                same = [a for a in trace.calls if a.contains(cand) and a.out is cand.out and not clashes(a)]
+                best = min(same, key=lambda a: a.start) if same else cand
+                chosen.append(best)
+                picked.append(_spec_of(best, trace.counts, cand.layout or "channels_first"))
+                break
         return [None, *picked]
     blocks = _token_blocks(trace)
     n = len(blocks)
