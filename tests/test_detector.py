@@ -24,13 +24,21 @@ def fitted(trained_mlp):
 
 
 def test_config_from_keywords_and_validation():
-    det = FailureDetector(n_components=7, layer="net.fc", score="bpd")
-    assert det.config == DetectorConfig(n_components=7, layer="net.fc", score="bpd")
-    for bad in (dict(n_components=0), dict(score="nats"), dict(device="gpu9"), dict(bogus=1), dict(tol=-1)):
-        with pytest.raises(ValueError, match="invalid FailureDetector settings"):
+    det = FailureDetector(scorer="gmm", n_components=7, layer="net.fc", score="bpd")
+    assert det.config.scorer_options["n_components"] == 7 and det.config.scorer_options["score"] == "bpd"
+    assert det.config.layer == "net.fc" and det.config.per_layer is False
+    for bad, where in (
+        (dict(n_components=0), "n_components"),
+        (dict(score="nats"), "score"),
+        (dict(device="gpu9"), "device"),
+        (dict(tol=-1), "tol"),
+    ):
+        with pytest.raises(ValueError, match=where):
             FailureDetector(**bad)
+    with pytest.raises(ValueError, match="scorer 'gmm' has no setting 'bogus'"):
+        FailureDetector(bogus=1)
     with pytest.raises(ValueError, match="unknown scorer"):
-        FailureDetector(scorer="nope").fit_features(Features(torch.randn(20, 3)))
+        FailureDetector(scorer="nope")
 
 
 def test_fit_ignores_labels_and_scores_higher_for_typical_inputs(fitted):
@@ -101,7 +109,7 @@ def test_save_load_round_trip_is_exact(fitted, tmp_path):
     assert torch.equal(back.score(s["test"][0]), det.score(s["test"][0]))
     assert torch.equal(back.head_weight_, det.head_weight_)
     for name in ("weights_", "means_", "covariances_", "center_"):
-        assert torch.equal(getattr(back.scorer_.gmm, name), getattr(det.scorer_.gmm, name))
+        assert torch.equal(getattr(back.scorer_.gmm_, name), getattr(det.scorer_.gmm_, name))
     no_model = FailureDetector.load(path)
     assert torch.equal(no_model.score_features(det.features(s["test"][0])), det.score(s["test"][0]))
     with pytest.raises(RuntimeError, match="no model"):
@@ -149,21 +157,21 @@ def test_load_refuses_pickles_truncation_and_versions(fitted, tmp_path, monkeypa
 def test_user_scorer_following_the_protocol_works_unchanged(fitted):
     _, model, s = fitted
 
-    class NormScorer:
-        name = "norm"
-        requires_labels = False
+    from featurefail.scorers import Scorer, register_scorer
 
+    @register_scorer("test_norm")
+    class NormScorer(Scorer):
         def fit(self, features):
-            self.mean = features.feats.mean(0)
+            self.mean_ = features.feats.mean(0)
             return self
 
         def score(self, features):
-            return -(features.feats - self.mean).norm(dim=1)
+            return -(features.feats - self.mean_).norm(dim=1)
 
     det = FailureDetector(scorer=NormScorer(), progress=False).fit(model, loader(*s["train"]))
-    assert det.config.scorer == "norm"
+    assert det.config.scorer == "test_norm"
     assert det.score(s["test"][0]).shape == (300,)
-    with pytest.raises(TypeError, match="protocol"):
+    with pytest.raises(TypeError, match="Scorer"):
         FailureDetector(scorer=object())
 
 
@@ -176,5 +184,6 @@ def test_semi_supervised_use_needs_no_labels_at_all(trained_mlp):
 
 def test_paper_preset_is_the_raw_penultimate_gmm():
     det = FailureDetector.paper(n_components=7, seed=3)
-    assert det.config.scorer == "gmm" and det.config.layer is None and det.config.preprocess is None
-    assert det.config.n_components == 7 and det.config.seed == 3
+    assert det.config.scorer == "gmm" and det.config.layer is None and det.config.scorer_options["preprocess"] is None
+    assert det.config.scorer_options["n_components"] == 7 and det.config.seed == 3
+    assert det.config.scorer_options["random_state"] == 3 and det.config.per_layer is False

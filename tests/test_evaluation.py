@@ -17,7 +17,7 @@ from featurefail.cli import main
 from featurefail.evaluate import EvalResult, evaluate, holdout_split, parse_attack
 from featurefail.ood import NpzImages, gaussian_noise, uniform_noise
 from featurefail.plots import reliability_diagram, roc_pr_curves, score_histogram, write_report
-from featurefail.scorers import register_scorer
+from featurefail.scorers import Scorer, register_scorer
 
 
 def test_fgsm_equals_the_closed_form_on_a_linear_model():
@@ -87,11 +87,8 @@ SEEN: list[int] = []
 
 
 @register_scorer("spy")
-class SpyScorer:
+class SpyScorer(Scorer):
     """Records how many rows every fit received (test-only scorer)."""
-
-    name = "spy"
-    requires_labels = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -217,7 +214,7 @@ def test_cli_evaluate_smoke(tmp_path, capsys):
             "--attack",
             "fgsm:0.05",
             "--scorers",
-            "gmm,max_logit",
+            "default,gmm,max_logit",
             "--n-components",
             "3",
             "--option",
@@ -230,6 +227,46 @@ def test_cli_evaluate_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ood: colour" in out and "fgsm" in out
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "results.csv").exists()
+
+
+def test_cli_default_row_is_exactly_the_default_detector(tmp_path, monkeypatch):
+    """One pipeline: the `default` row of `featurefail evaluate` scores the test set exactly as
+    FailureDetector().fit(model, train).score(test) does."""
+    from featurefail import plots
+    from featurefail.evaluate import holdout_split
+
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    rng = np.random.default_rng(1)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    x = {name: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8) for name, n in (("train", 300), ("test", 90))}
+    for name in x:
+        np.savez(tmp_path / f"{name}.npz", x=x[name], y=rng.integers(0, 3, len(x[name])))
+    captured = {}
+    write_report_itself = plots.write_report
+
+    def keep(result, out, **kwargs):
+        captured["result"] = result
+        return write_report_itself(result, out, **kwargs)
+
+    monkeypatch.setattr(plots, "write_report", keep)
+    args = ["evaluate", "--model", f"{tmp_path / 'net.py'}:make", "--weights", str(tmp_path / "net.pt")]
+    args += ["--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz")]
+    args += ["--scorers", "default", "--n-components", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    result = captured["result"]
+    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    x_train = to_tensor(x["train"])[holdout_split(300, 0.1)[0]]
+    net.eval()
+    detector = FailureDetector(n_components=2, progress=False).fit(net, [(x_train,)])
+    expected = detector.score(to_tensor(x["test"]))
+    labels = torch.from_numpy(np.load(tmp_path / "test.npz")["y"])
+    with torch.no_grad():
+        correct = net(to_tensor(x["test"])).argmax(1) == labels
+    normal, failed = result.scores["test mistakes"]["default"]
+    np.testing.assert_array_equal(normal, expected[correct].numpy())
+    np.testing.assert_array_equal(failed, expected[~correct].numpy())
 
 
 def test_detector_temperature_reliability_story(tiny_task, tmp_path):

@@ -46,7 +46,7 @@ def test_each_option_fits_without_labels_and_round_trips(spec, task, tmp_path):
     assert torch.isfinite(scores).all()
     det.save(tmp_path / "d.safetensors")
     back = FailureDetector.load(tmp_path / "d.safetensors", model=model)
-    assert back.config.preprocess == spec
+    assert back.config.scorer_options["preprocess"] == spec
     assert torch.equal(back.score(x[600:]), scores)
     _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
     torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
@@ -59,11 +59,11 @@ def test_purification_goes_through_the_transform(task):
     model, x = task
     det = FailureDetector(n_components=3, preprocess="tanh", per_layer=False, progress=False).fit(model, [x[:600]])
     feats = det.features(x[600:605]).feats.double()
-    _, grad = bpd_gradient(det.scorer_.gmm, feats, det.scorer_.transform_)
+    _, grad = bpd_gradient(det.scorer_.bpd_module(), feats)
     h = 1e-6
     step = torch.zeros_like(feats)
     step[:, 0] = h
-    bpd = lambda f: det.scorer_.gmm.bpd(det.scorer_.transform_(f))  # noqa: E731
+    bpd = lambda f: det.scorer_.gmm_.bpd(det.scorer_.transform_(f))  # noqa: E731
     torch.testing.assert_close(grad[:, 0], (bpd(feats + step) - bpd(feats - step)) / (2 * h), rtol=1e-4, atol=1e-6)
     out = det.purify(Features(feats.float()), lr=0.01, nu=0.0, steps=5)
     assert (out.bpd_after <= out.bpd_before + 1e-6).all()
@@ -91,7 +91,7 @@ def test_fused_scorer_weights_are_chosen_on_validation_mistakes_only(task, tmp_p
     back = FailureDetector.load(tmp_path / "f.safetensors", model=model)
     assert torch.equal(back.score(x[600:]), det.score(x[600:]))
     pure_gmm = FusedScorer(weight=1.0, n_components=3, random_state=0).fit(feats)
-    torch.testing.assert_close(pure_gmm.score(feats).argsort(), pure_gmm.gmm_scorer.score(feats).argsort())
+    torch.testing.assert_close(pure_gmm.score(feats).argsort(), pure_gmm.gmm_scorer_.score(feats).argsort())
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
@@ -99,9 +99,8 @@ def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer,
     from featurefail.scorers import GMMScorer
 
     model, x = task
-    options = {"per_layer": per_layer}
     det = FailureDetector(
-        n_components=3, layer=[None, "1"], preprocess="standardize", scorer_options=options, progress=False
+        n_components=3, layer=[None, "1"], preprocess="standardize", per_layer=per_layer, progress=False
     ).fit(model, [x[:600]])  # no labels
     feats = det.features(x[600:])
     assert feats.blocks == (24, 24)
@@ -110,7 +109,7 @@ def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer,
     if per_layer:  # one preprocessing + mixture per layer, log-likelihoods summed
         train = det.features(x[:600])
         parts = [
-            GMMScorer(3, random_state=0, preprocess="standardize")
+            GMMScorer(n_components=3, random_state=0, preprocess="standardize")
             .fit(train.select_blocks(i))
             .score(feats.select_blocks(i))
             for i in range(2)
@@ -122,8 +121,12 @@ def test_features_of_several_layers_fit_without_labels_and_round_trip(per_layer,
     assert torch.equal(back.score(x[600:]), scores)
     _, module_scores, _ = det.as_module(threshold=0.0)(x[600:])
     torch.testing.assert_close(module_scores, scores, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match=r"several layers|2 layers"):
-        det.purify(x[600:605])
+    if per_layer:  # the penultimate layer's mixture purifies the penultimate block
+        out = det.purify(x[600:605], steps=3)
+        assert out.features.shape == (5, 24) and (out.bpd_after <= out.bpd_before).all()
+    else:
+        with pytest.raises(ValueError, match="several layers"):
+            det.purify(x[600:605])
 
 
 def test_per_layer_on_one_layer_is_one_mixture(task):
@@ -140,18 +143,20 @@ def test_default_detector_is_the_study_choice_and_paper_is_the_raw_gmm(task):
 
     model, x = task
     default = FailureDetector(n_components=3, progress=False)
-    assert (default.config.layer, default.config.preprocess, default.config.per_layer) == ("auto", "l2", True)
+    preprocess = default.config.scorer_options["preprocess"]
+    assert (default.config.layer, preprocess, default.config.per_layer) == ("auto", "l2", True)
     paper = FailureDetector.paper(n_components=3, progress=False).fit(model, [x[:600]])
-    assert (paper.config.layer, paper.config.preprocess, paper.config.per_layer) == (None, None, False)
+    preprocess = paper.config.scorer_options["preprocess"]
+    assert (paper.config.layer, preprocess, paper.config.per_layer) == (None, None, False)
     feats = paper.features(x[:600])
-    raw = GMMScorer(3, random_state=0).fit(feats)
+    raw = GMMScorer(n_components=3, random_state=0).fit(feats)
     torch.testing.assert_close(paper.score(x[600:]), raw.score(paper.features(x[600:])))
     assert FailureDetector(scorer="mahalanobis").config.layer is None
 
 
 def test_runner_asserts_preprocessing_sees_only_training_features(task):
     from featurefail.evaluate import EvalData, Source, evaluate_features
-    from featurefail.scorers import register_scorer
+    from featurefail.scorers import Scorer, register_scorer
 
     model, x = task
     with torch.no_grad():
@@ -173,11 +178,8 @@ def test_runner_asserts_preprocessing_sees_only_training_features(task):
         assert 0.0 <= result.rows[0].auroc <= 1.0
 
     @register_scorer("leaky_preprocessing")
-    class LeakyScorer:
+    class LeakyScorer(Scorer):
         """Fits its preprocessing on the validation rows: the runner must refuse it."""
-
-        name = "leaky_preprocessing"
-        requires_labels = False
 
         def fit(self, features: Features) -> LeakyScorer:
             return self

@@ -21,17 +21,16 @@ def two_clusters(n: int = 2000, seed: int = 0):
 
 
 def detector_on(feats: torch.Tensor, k: int = 2) -> FailureDetector:
-    det = FailureDetector.paper(n_components=k, progress=False, seed=0).fit_features(Features(feats))
-    det.head_weight_ = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
-    det.head_bias_ = torch.tensor([0.5, -0.5])  # logit gap = 2x - 1 -> boundary at x = 0.5... shifted below
-    return det
+    head = (torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), torch.tensor([0.5, -0.5]))  # logit gap 2x - 1
+    return FailureDetector.paper(n_components=k, progress=False, seed=0).fit_features(Features(feats), head=head)
 
 
 def test_gradient_equals_finite_differences():
     f, _ = two_clusters()
-    gmm = detector_on(f).scorer_.gmm
+    scorer = detector_on(f).scorer_
+    gmm = scorer.gmm_
     probe = torch.tensor([[0.3, 0.2], [-1.0, 1.0], [2.5, -0.4]], dtype=torch.float64)
-    _, grad = bpd_gradient(gmm, probe)
+    _, grad = bpd_gradient(scorer.bpd_module(), probe)
     h = 1e-6
     for j in range(2):
         step = torch.zeros_like(probe)
@@ -90,9 +89,10 @@ def test_inputs_and_model_are_untouched_and_errors_are_clear(trained_mlp):
     assert out.logits.shape == (300, 3) and out.features.shape == (300, 24)
     # the head reproduces the model's own logits before purification
     np.testing.assert_array_equal(out.original_predictions.numpy(), model(x).argmax(1).numpy())
-    det.head_weight_ = det.head_bias_ = None
+    on_relu = FailureDetector.paper(n_components=3, layer="3", progress=False).fit(model, [(s["train"][0],)])
+    assert on_relu.head_weight_ is None  # the output of a ReLU, not the input of the head
     with pytest.raises(ValueError, match="head=callable"):
-        det.purify(x, steps=1)
-    assert det.purify(x, steps=1, head=model[4]).logits.shape == (300, 3)
+        on_relu.purify(x, steps=1)
+    assert on_relu.purify(x, steps=1, head=model[4]).logits.shape == (300, 3)
     with pytest.raises(ValueError, match="GMM scorer"):
         purify(FailureDetector(scorer="max_logit", progress=False).fit(mlp(), [(x,)]), x)

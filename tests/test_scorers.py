@@ -186,7 +186,15 @@ def test_mahalanobis_preprocessing_picks_epsilon_on_validation(cnn_task):
     scorer = det.scorer_
     assert scorer.epsilon_ in scorer.epsilon_search_ and len(scorer.epsilon_search_) == 7
     assert torch.isfinite(det.score(x_test)).all()
-    layered = FailureDetector(
-        scorer="mahalanobis", progress=False, scorer_options={"layers": ["conv1", "fc1"], "layer_weights": [0.5, 1.0]}
-    )
-    assert torch.isfinite(layered.fit(model, train_loader).score(x_test)).all()
+    # Lee et al.'s several layers: one Mahalanobis per layer block, scores summed (the PerLayer wrapper)
+    layered = FailureDetector(scorer="mahalanobis", layer=["conv1", "fc1"], per_layer=True, progress=False)
+    layered.fit(model, train_loader)
+    per_block = [
+        FailureDetector(scorer="mahalanobis", layer=name, progress=False).fit(model, train_loader).score(x_test)
+        for name in ("conv1", "fc1")
+    ]
+    torch.testing.assert_close(layered.score(x_test), per_block[0] + per_block[1], rtol=1e-5, atol=1e-3)
+    with_eps = FailureDetector(
+        scorer="mahalanobis", layer=[None, "conv1"], per_layer=True, epsilon=0.001, progress=False
+    ).fit(model, train_loader)
+    assert torch.isfinite(with_eps.score(x_test)).all()

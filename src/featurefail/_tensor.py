@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -83,3 +84,15 @@ def progress(iterable: Iterable, *, enabled: bool, desc: str, total: int | None 
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=leave)
+
+
+def mask_nonfinite(scores: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """``(N,)`` scores with ``-inf`` wherever a score is NaN or a row of any ``(N, …)`` input holds NaN or ±inf.
+
+    The one place where non-finite data become the lowest score, so that thresholding flags them.
+    """
+    bad = torch.isnan(scores)
+    for t in inputs:
+        if t is not None:
+            bad = bad | ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).to(bad.device)
+    return torch.where(bad, torch.full_like(scores, -math.inf), scores)

@@ -47,7 +47,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not path:
             raise SystemExit(f"--ood needs name=path, got {item!r}")
         ood[name] = load_images(path, size=shape[-1], channels=shape[0], limit=args.limit_test).images
-    options: dict[str, dict] = {"gmm": {"n_components": args.n_components}}
+    rows = args.scorers.split(",")
+    options: dict[str, dict] = {row: {} for row in rows}
+    for row in rows:
+        if args.n_components is not None and row in ("default", "paper", "gmm"):
+            options[row]["n_components"] = args.n_components
+        if args.layer or hooked:
+            options[row]["layer"] = args.layer or hooked
     for item in args.option:
         key, _, raw = item.partition("=")
         scorer, _, name = key.partition(".")
@@ -63,17 +69,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         (x_train, y_train),
         (x_val, y_val),
         (test.images, test.labels),
-        scorers=args.scorers.split(","),
+        scorers=rows,
         scorer_options=options,
         ood=ood,
         attacks=args.attack,
         seeds=list(range(args.seeds)),
-        layer=args.layer or hooked,
         batch_size=args.batch_size,
         device=args.device,
         progress=say,
     )
-    report = write_report(result, args.out, histogram_scorer=args.scorers.split(",")[0])
+    report = write_report(result, args.out, histogram_scorer=rows[0])
     print(result.to_markdown())
     say(f"report written to {report}")
     return 0
@@ -142,19 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--scorers",
-        default="gmm,max_softmax,temperature,mahalanobis",
-        help="comma-separated scorer names (default: %(default)s)",
+        default="default,paper,max_softmax,temperature,mahalanobis",
+        help="comma-separated rows: 'default' = FailureDetector(), 'paper' = FailureDetector.paper(), or scorer "
+        "names = FailureDetector(scorer=name) (default: %(default)s)",
     )
-    ev.add_argument("--n-components", type=int, default=100, help="GMM components (default: %(default)s)")
+    ev.add_argument("--n-components", type=int, default=None, help="GMM components of the default, paper and gmm rows")
     ev.add_argument(
         "--option",
         action="append",
         default=[],
-        metavar="SCORER.KEY=VALUE",
-        help='a scorer setting, e.g. vae.epochs=10 or mahalanobis.epsilon="auto" (repeatable)',
+        metavar="ROW.KEY=VALUE",
+        help='a setting of a row\'s detector or scorer, e.g. vae.epochs=10, mahalanobis.epsilon="auto" or '
+        "default.per_layer=false (repeatable)",
     )
     ev.add_argument("--seeds", type=int, default=1, help="independent fits per scorer (default: %(default)s)")
-    ev.add_argument("--layer", help="module whose output is the feature (default: input of the last nn.Linear)")
+    ev.add_argument(
+        "--layer", help="hook this layer in every row (default: each row's own: the head's input, or 'auto')"
+    )
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model is)")
     ev.add_argument("--out", default="featurefail-report", help="output folder (default: %(default)s)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,70 +16,67 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from ._tensor import mask_nonfinite
 from .exceptions import NotFittedError
 from .features import Features, extract_features
 from .hooks import FeatureHook
-from .scorers.base import Scorer, get_scorer
+from .scorers.base import ModelContext, Scorer, available_scorers, build_scorer, scorer_class
+from .scorers.per_layer import PerLayer
 from .threshold import ThresholdResult, cross_validate_threshold, parse_strategy
 
-__all__ = ["DetectorConfig", "FailureDetector", "detect", "score"]
+__all__ = [
+    "DEFAULT_DETECTOR",
+    "PAPER_DETECTOR",
+    "DetectorConfig",
+    "FailureDetector",
+    "FittedState",
+    "detect",
+    "penultimate_head",
+    "score",
+]
 
 FORMAT_NAME = "featurefail-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: What ``FailureDetector()`` builds when no scorer is named (chosen by the study in ``docs/results.md``): one
+#: mixture per layer on L2-normalised features of the penultimate layer and two earlier stage ends.
+DEFAULT_DETECTOR: dict[str, Any] = {
+    "scorer": "gmm",
+    "scorer_options": {"preprocess": "l2"},
+    "layer": "auto",
+    "per_layer": True,
+}
+#: The paper's method exactly: one mixture on the raw penultimate features (``FailureDetector.paper()``).
+PAPER_DETECTOR: dict[str, Any] = {"scorer": "gmm", "scorer_options": {}, "layer": None, "per_layer": False}
+
+# detector settings that, when a scorer has a setting of the same role and the user gave none, become its default
+_FORWARDED = {"seed": ("random_state", "seed"), "device": ("device",)}
 
 
 class DetectorConfig(BaseModel):
-    """Settings of a :class:`FailureDetector`, validated on construction.
+    """Settings of a :class:`FailureDetector`: the scorer's name and settings, plus the detector's own.
 
-    The GMM fields configure the default ``"gmm"`` scorer; ``scorer_options`` are the keyword arguments of
-    any other registered scorer.
-
-    Defaults of the GMM scorer (chosen by the study in ``docs/results.md``: the best mean AUROC over all
-    failure sources on the reference CIFAR-10 models): ``layer="auto"`` (the penultimate layer plus two earlier
-    stage ends), ``preprocess="l2"`` and ``per_layer=True`` (one mixture per layer on L2-normalised features,
-    log-likelihoods summed). Other scorers default to ``layer=None``, and :meth:`FailureDetector.paper` is the
-    paper's method (raw penultimate features, one mixture) exactly.
+    ``scorer_options`` are the scorer's settings (its ``__init__`` keyword arguments; a :class:`FailureDetector`
+    stores all of them, defaults included, so the config shows every value in use). A setting the scorer does
+    not take is a ``ValueError`` naming both.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     scorer: str = Field("gmm", description="registered scorer name")
-    n_components: int = Field(100, ge=1, description="GMM components K")
-    max_iter: int = Field(100, ge=1)
-    tol: float = Field(1e-3, ge=0.0)
-    reg_covar: float = Field(1e-6, gt=0.0, description="relative variance floor of the GMM")
-    init: Literal["kmeans++", "random_from_data"] = "kmeans++"
-    n_init: int = Field(1, ge=1)
-    chunk_size: int | None = Field(None, ge=1)
-    score: Literal["loglik", "bpd"] = Field("loglik", description="GMM score: log-likelihood or -bits/dim")
-    preprocess: str | None = Field(
-        None,
-        description="GMM feature preprocessing: standardize, pca[:kept], l2, tanh (default for the gmm scorer: l2)",
-    )
-    per_layer: bool = Field(
-        False,
-        description="GMM over several layers: one preprocessing + mixture per layer, log-likelihoods summed "
-        "(default for the gmm scorer: True)",
-    )
-    scorer_options: dict[str, Any] = Field(default_factory=dict)
+    scorer_options: dict[str, Any] = Field(default_factory=dict, description="the scorer's settings")
+    per_layer: bool = Field(False, description="one copy of the scorer per layer block, scores summed")
     layer: str | list[str | None] | None = Field(
         None,
-        description="dotted module name; None = input of the last nn.Linear; a list = several layers, pooled and "
+        description="dotted module name; None = input of the classifier head; a list = several layers, pooled and "
         "concatenated (None in the list = the penultimate layer); 'auto' = the penultimate layer plus the ends of "
-        "the two spatial stages before the last (resolved at fit time into layers_; the gmm scorer's default)",
+        "the two stages before the last (resolved at fit time into layers_)",
     )
     pool: Literal["avg", "flatten", "none"] = "avg"
-    device: str | None = Field(None, description="where scorers run; None = the features' device (CPU)")
-    seed: int | None = 0
+    device: str | None = Field(None, description="where scorers run (default of a scorer's own device setting)")
+    seed: int | None = Field(0, description="calibration folds; default of a scorer's random_state/seed setting")
     batch_size: int = Field(256, ge=1, description="batch size when scoring a tensor of inputs")
     progress: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gmm_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("scorer", "gmm") == "gmm":
-            data = {"layer": "auto", "preprocess": "l2", "per_layer": True, **data}
-        return data
 
     @field_validator("layer")
     @classmethod
@@ -95,53 +95,80 @@ class DetectorConfig(BaseModel):
     def _valid_device(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                torch.device(value)
+                device = torch.device(value)
             except (RuntimeError, TypeError) as exc:
                 raise ValueError(f"{value!r} is not a torch device") from exc
+            if device.type == "meta":
+                raise ValueError("device 'meta' holds no data; use 'cpu' or an accelerator")
         return value
 
-    def scorer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``get_scorer(self.scorer, ...)``."""
-        if self.scorer == "gmm":
-            return dict(
-                n_components=self.n_components,
-                score=self.score,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                reg_covar=self.reg_covar,
-                init=self.init,
-                n_init=self.n_init,
-                chunk_size=self.chunk_size,
-                random_state=self.seed,
-                device=self.device,
-                preprocess=self.preprocess,
-                per_layer=self.per_layer,
-            ) | dict(self.scorer_options)
-        return dict(self.scorer_options)
+    @model_validator(mode="after")
+    def _scorer_takes_its_settings(self) -> DetectorConfig:
+        known = scorer_class(self.scorer).setting_names()
+        unknown = [k for k in self.scorer_options if k not in known]
+        if unknown:
+            raise ValueError(
+                f"scorer {self.scorer!r} has no setting {unknown[0]!r}; its settings are: {', '.join(known) or 'none'}"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """Everything ``fit`` learns, swapped in at once so a failed fit leaves the detector as it was (the save file
+    holds it too)."""
+
+    scorer: Scorer
+    model: nn.Module | None
+    layers: list[str | None] | None
+    n_features: int
+    head_weight: torch.Tensor | None
+    head_bias: torch.Tensor | None
+    fingerprint: str | None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, dtypes, shapes, bytes): a detector is tied to it."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def penultimate_head(hook: FeatureHook) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(weight (C, D_0), bias (C,))``: the classifier head as one linear map on the first hooked block, when
+    that block is the head's input (``layers[0] is None``), else None. ``hook`` must have run once."""
+    layers = hook.resolved_layers
+    if not layers or layers[0] is not None:
+        return None
+    return hook.head_linear()
 
 
 class FailureDetector:
-    """Flag the inputs a classifier is likely to get wrong, from the density of its penultimate features.
+    """Flag the inputs a classifier is likely to get wrong, from the density of its hooked features.
 
     Typical use::
 
-        detector = FailureDetector(n_components=100).fit(model, train_loader)   # labels unused
-        detector.calibrate(val_loader, strategy="f1")                          # threshold by 5-fold CV
-        flags = detector.detect(x)                                              # True = likely failure
+        detector = FailureDetector().fit(model, train_loader)      # labels unused
+        detector.calibrate(val_loader, strategy="f1")              # threshold by 5-fold CV
+        flags = detector.detect(x)                                  # True = likely failure
+
+    ``FailureDetector()`` with no scorer named is :data:`DEFAULT_DETECTOR`; ``FailureDetector(scorer=name)`` is that
+    scorer with its own defaults on the penultimate layer; :meth:`paper` is the paper's method.
 
     Args:
-        config: a :class:`DetectorConfig`; or give its fields as keywords.
-        scorer: a registered scorer name or an object following :class:`~featurefail.scorers.Scorer`
-            (default ``"gmm"``, the paper's class-agnostic GMM).
-        output_fn: maps the model's output to logits (models returning tuples or dicts).
-        **kwargs: :class:`DetectorConfig` fields.
+        config: a :class:`DetectorConfig`; or give its fields (and the scorer's settings) as keywords.
+        scorer: a registered scorer name or a :class:`~featurefail.scorers.Scorer` instance (its settings are
+            then the config's ``scorer_options``; ``PerLayer(s)`` sets ``per_layer=True``).
+        output_fn: maps the model's output to logits (models returning tuples, dicts or objects).
+        **kwargs: :class:`DetectorConfig` fields; any other keyword is a setting of the scorer (``n_components=``).
 
     Attributes:
-        scorer_: the fitted scorer.
-        model_: the classifier the detector was fitted on (or attached at load).
-        head_weight_, head_bias_: ``(C, D)`` and ``(C,)`` of the hooked ``nn.Linear`` when the hook sits on
-            one (used by :meth:`purify`), else None.
-        n_features_: ``D``.
+        scorer_: the fitted scorer. model_: the classifier fitted on (or attached at load).
+        layers_: the hooked layer(s), ``"auto"`` resolved. n_features_: ``D``.
+        head_weight_, head_bias_: ``(C, D)`` and ``(C,)`` of the classifier head when the features are its input.
         threshold_: flag when ``score < threshold_`` (set by :meth:`calibrate`).
         calibration_: the :class:`~featurefail.threshold.ThresholdResult` of the last calibration.
     """
@@ -151,58 +178,85 @@ class FailureDetector:
         config: DetectorConfig | None = None,
         *,
         scorer: str | Scorer | None = None,
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        output_fn: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is not None and kwargs:
+        if config is not None and (kwargs or scorer is not None):
             raise ValueError("give either a DetectorConfig or keyword settings, not both")
-        if scorer is not None and not isinstance(scorer, str):
-            self._scorer_instance: Scorer | None = get_scorer(scorer)
-            kwargs["scorer"] = getattr(scorer, "name", type(scorer).__name__)
-        else:
-            self._scorer_instance = None
-            if scorer is not None:
-                kwargs["scorer"] = scorer
-        try:
-            self.config = config if config is not None else DetectorConfig(**kwargs)
-        except ValidationError as exc:
-            raise ValueError(f"invalid FailureDetector settings:\n{exc}") from None
+        if config is None:
+            config = _build_config(scorer, kwargs)
+        self._scorer_type = (
+            type(scorer.base if isinstance(scorer, PerLayer) else scorer)
+            if isinstance(scorer, Scorer)
+            else scorer_class(config.scorer)
+        )
+        self.config = config
         self.output_fn = output_fn
+        self.new_scorer()  # every setting is checked now, not at fit time
         self.model_: nn.Module | None = None
         self.threshold_: float | None = None
         self.calibration_: ThresholdResult | None = None
-        self.head_weight_: torch.Tensor | None = None
-        self.head_bias_: torch.Tensor | None = None
-        self._forward_lock = threading.Lock()
-        self._layers: list[str | None] | None = None
+        self._fitted: FittedState | None = None
+        self._lock = threading.RLock()
 
     @classmethod
     def paper(cls, n_components: int = 100, **kwargs: Any) -> FailureDetector:
-        """The paper's method exactly: a class-agnostic diagonal GMM-``n_components`` on the raw penultimate
-        features (input of the last ``nn.Linear``), no preprocessing. Other settings as keywords."""
-        settings = {"scorer": "gmm", "layer": None, "preprocess": None, "per_layer": False}
-        settings |= kwargs | {"n_components": n_components}
-        return cls(**settings)
+        """The paper's method exactly (:data:`PAPER_DETECTOR`): a class-agnostic diagonal GMM-``n_components`` on the
+        raw penultimate features (input of the classifier head), no preprocessing. Other settings as keywords."""
+        settings = {k: v for k, v in PAPER_DETECTOR.items() if k != "scorer_options"} | kwargs
+        return cls(**settings, n_components=n_components)
 
-    # ---- plumbing ---------------------------------------------------------------------------------------------
+    # ---- state ------------------------------------------------------------------------------------------------
 
-    def _new_scorer(self) -> Scorer:
-        if self._scorer_instance is not None:
-            return self._scorer_instance
-        return get_scorer(self.config.scorer, **self.config.scorer_kwargs())
+    def new_scorer(self) -> Scorer:
+        """An unfitted scorer built from ``config`` (wrapped in :class:`~featurefail.scorers.PerLayer` with
+        ``per_layer``)."""
+        cls = self._scorer_type
+        try:
+            base = cls(**self.config.scorer_options)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"invalid settings for scorer {self.config.scorer!r}: {exc}") from None
+        return PerLayer(base) if self.config.per_layer else base
+
+    def _state(self) -> FittedState:
+        if self._fitted is None:
+            raise NotFittedError("this FailureDetector is not fitted yet; call fit(model, loader) first")
+        return self._fitted
+
+    @property
+    def scorer_(self) -> Scorer:
+        return self._state().scorer
 
     @property
     def layers_(self) -> str | list[str | None] | None:
         """The hooked layer(s): ``config.layer`` with ``"auto"`` resolved by ``fit``."""
-        return self._layers if self._layers is not None else self.config.layer
+        fitted = self._fitted
+        return fitted.layers if fitted is not None and fitted.layers is not None else self.config.layer
 
-    def _hook(self, model: nn.Module) -> FeatureHook:
+    @property
+    def n_features_(self) -> int:
+        return self._state().n_features
+
+    @property
+    def head_weight_(self) -> torch.Tensor | None:
+        return self._state().head_weight if self._fitted is not None else None
+
+    @property
+    def head_bias_(self) -> torch.Tensor | None:
+        return self._state().head_bias if self._fitted is not None else None
+
+    def is_fitted(self) -> bool:
+        return self._fitted is not None
+
+    def _hook(self, model: nn.Module, layers: Any = None) -> FeatureHook:
         pool = None if self.config.pool == "none" else self.config.pool
-        return FeatureHook(model, layer=self.layers_, pool=pool, output_fn=self.output_fn)
+        return FeatureHook(model, layer=self.layers_ if layers is None else layers, pool=pool, output_fn=self.output_fn)
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "scorer_"):
-            raise NotFittedError("this FailureDetector is not fitted yet; call fit(model, loader) first")
+    def _context(self, fitted: FittedState) -> ModelContext:
+        if fitted.model is None:
+            return ModelContext(head_weight=fitted.head_weight, head_bias=fitted.head_bias)
+        layers = fitted.layers if fitted.layers is not None else self.config.layer
+        return ModelContext(fitted.model, lambda m: self._hook(m, layers), fitted.head_weight, fitted.head_bias)
 
     def _require_model(self) -> nn.Module:
         if self.model_ is None:
@@ -212,15 +266,9 @@ class FailureDetector:
     def features(self, x: Any, *, batch_fn: Callable | None = None) -> Features:
         """Features of inputs: a tensor batch ``(N, ...)`` (scored in batches) or an iterable of batches."""
         model = self._require_model()
-        loader: Iterable
-        if isinstance(x, torch.Tensor):
-            loader = [(chunk,) for chunk in torch.split(x, self.config.batch_size)]
-        else:
-            loader = x
-        needs_inputs = bool(getattr(getattr(self, "scorer_", None), "requires_inputs", False))
-        # forward hooks fire for every caller of the module: one hooked pass at a time per detector
-        # (as_module() needs no hooks and no lock)
-        with self._forward_lock:
+        loader: Iterable = [(c,) for c in torch.split(x, self.config.batch_size)] if isinstance(x, torch.Tensor) else x
+        needs_inputs = self._fitted is not None and self._fitted.scorer.requires_inputs
+        with self._lock:  # forward hooks fire for every caller of the module: one hooked pass at a time
             return extract_features(
                 model,
                 loader,
@@ -235,6 +283,8 @@ class FailureDetector:
     def fit(self, model: nn.Module, loader: Iterable, *, batch_fn: Callable | None = None) -> FailureDetector:
         """Extract training features with a hook and fit the scorer (labels are not used by the GMM).
 
+        All or nothing: when anything fails, the detector keeps its previous fit, model and threshold.
+
         Args:
             model: the trained classifier (not modified; its mode is restored).
             loader: training batches ``x``, ``(x, y)`` or mappings.
@@ -242,53 +292,104 @@ class FailureDetector:
         Returns:
             self.
         """
-        self.model_ = model
-        self._layers = None
-        hook = self._hook(model)
-        scorer = self._new_scorer()
-        attach = getattr(scorer, "attach", None)
-        if callable(attach):
-            attach(model, self._hook)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        scorer = self.new_scorer()
+        hook = self._hook(model, self.config.layer)
         feats = extract_features(
             model,
             loader,
             hook,
             batch_fn=batch_fn,
-            keep_inputs=bool(getattr(scorer, "requires_inputs", False)),
+            keep_inputs=scorer.requires_inputs,
             progress_bar=self.config.progress,
         )
-        if self.config.layer == "auto":
-            self._layers = hook.resolved_layers
-        if hook.head is not None:
-            self.head_weight_ = hook.head.weight.detach().float().cpu().clone()
-            self.head_bias_ = (
-                hook.head.bias.detach().float().cpu().clone()
-                if hook.head.bias is not None
-                else torch.zeros(hook.head.weight.shape[0])
-            )
-        else:
-            self.head_weight_ = self.head_bias_ = None
-        return self.fit_features(feats, scorer=scorer)
+        layers = hook.resolved_layers if self.config.layer == "auto" else None
+        weight, bias = penultimate_head(hook) or (None, None)
+        self._commit(self._fit_scorer(scorer, feats, model, layers, weight, bias))
+        return self
 
-    def fit_features(self, features: Features, *, scorer: Scorer | None = None) -> FailureDetector:
-        """Fit the scorer on precomputed :class:`Features` (no model needed); returns self."""
-        scorer = scorer or self._new_scorer()
-        if getattr(scorer, "requires_labels", False) and features.labels is None:
+    def fit_features(
+        self,
+        features: Features,
+        *,
+        model: nn.Module | None = None,
+        head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> FailureDetector:
+        """Fit the scorer on precomputed :class:`Features` (all or nothing); returns self.
+
+        Args:
+            features: training features (as extracted with this detector's layers).
+            model: the classifier, for scorers that need it (``requires_model``) and for :meth:`score` on inputs.
+            head: ``(weight (C, D), bias (C,))`` of the classifier head, for scorers and purification that use it.
+        """
+        weight, bias = head if head is not None else (None, None)
+        self._commit(self._fit_scorer(self.new_scorer(), features, model, None, weight, bias))
+        return self
+
+    def _fit_scorer(
+        self,
+        scorer: Scorer,
+        features: Features,
+        model: nn.Module | None,
+        layers: list[str | None] | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> FittedState:
+        if scorer.requires_labels and features.labels is None:
             raise ValueError(f"scorer {scorer.name!r} needs labels to fit; pass a loader that yields (x, y)")
+        if scorer.requires_model and model is None:
+            raise ValueError(f"scorer {scorer.name!r} needs the model; pass model= to fit_features")
+        fingerprint = model_fingerprint(model) if model is not None else None
+        fitted = FittedState(scorer, model, layers, int(features.feats.shape[1]), weight, bias, fingerprint)
+        scorer.attach(self._context(fitted))
         scorer.fit(features)
-        self.scorer_ = scorer
-        self.n_features_ = int(features.feats.shape[1])
-        self.threshold_ = None
-        self.calibration_ = None
+        return fitted
+
+    def _commit(self, fitted: FittedState) -> None:
+        with self._lock:
+            self._fitted = fitted
+            self.model_ = fitted.model
+            self.threshold_ = None
+            self.calibration_ = None
+
+    def _validated(self, fitted: FittedState, features: Features) -> tuple[Scorer, Features]:
+        """A copy of the fitted scorer that has learned from labelled validation ``features`` (rows labelled
+        ``< 0`` left out), and those rows."""
+        if features.labels is None:
+            raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
+        features = features.subset(features.labels >= 0)
+        if len(features) == 0:
+            raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
+        scorer = copy.deepcopy(fitted.scorer)
+        scorer.attach(self._context(fitted))
+        scorer.fit_validation(features)
+        return scorer, features
+
+    def _install_scorer(self, fitted: FittedState, scorer: Scorer, threshold: ThresholdResult | None) -> None:
+        with self._lock:
+            self._fitted = dataclasses.replace(fitted, scorer=scorer)
+            self.threshold_ = None if threshold is None else threshold.threshold
+            self.calibration_ = threshold
+
+    def fit_validation(self, val_loader: Any, *, batch_fn: Callable | None = None) -> FailureDetector:
+        """Let the scorer learn from labelled validation data (temperature, a Mahalanobis ε, fusion weights)
+        without choosing a threshold (all or nothing; the previous threshold is dropped). :meth:`calibrate`
+        does this first."""
+        fitted = self._state()
+        feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
+        scorer, _ = self._validated(fitted, feats)
+        self._install_scorer(fitted, scorer, None)
         return self
 
     def calibrate(
         self, val_loader: Any, strategy: str = "f1", folds: int = 5, *, batch_fn: Callable | None = None
     ) -> FailureDetector:
-        """Choose ``threshold_`` by k-fold cross-validation on labelled validation data.
+        """Choose ``threshold_`` by k-fold cross-validation on labelled validation data (all or nothing).
 
-        Positives are the model's mistakes (``argmax logits != y``). Scorers that learn from labelled validation
-        data (those with a ``fit_validation`` method, e.g. temperature scaling) are fitted on it here first.
+        Positives are the model's mistakes (``argmax logits != y``); rows labelled ``< 0`` (unlabelled) are left
+        out. Scorers that learn from labelled validation data (``fit_validation``, e.g. temperature scaling) learn
+        here first, on a copy that replaces the fitted scorer only when calibration succeeds.
 
         Args:
             val_loader: validation batches with labels (or precomputed :class:`Features`).
@@ -299,23 +400,29 @@ class FailureDetector:
         Returns:
             self, with ``threshold_`` and ``calibration_`` (cross-validated precision and recall).
         """
-        self._check_fitted()
+        fitted = self._state()
         parse_strategy(strategy)
         feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
-        if feats.labels is None:
-            raise ValueError("calibrate needs labels: pass a validation loader that yields (x, y)")
-        fit_validation = getattr(self.scorer_, "fit_validation", None)
-        if callable(fit_validation):
-            fit_validation(feats)
-        scores = self.score_features(feats)
-        result = cross_validate_threshold(
-            scores, ~feats.correct, strategy=strategy, folds=folds, seed=self.config.seed or 0
-        )
-        self.threshold_ = result.threshold
-        self.calibration_ = result
+        scorer, feats = self._validated(fitted, feats)
+        scores = self._score_with(scorer, feats, fitted.n_features)
+        seed = self.config.seed or 0
+        result = cross_validate_threshold(scores, ~feats.correct, strategy=strategy, folds=folds, seed=seed)
+        self._install_scorer(fitted, scorer, result)
         return self
 
     # ---- inference --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _score_with(scorer: Scorer, features: Features, n_features: int) -> torch.Tensor:
+        d = features.feats.shape[1]
+        if d != n_features:
+            raise ValueError(f"features have dimension {d}, expected {n_features} (the fitted dimension)")
+        scores = scorer.score(features).detach().float().cpu()
+        if scores.shape != (len(features),):
+            raise RuntimeError(
+                f"scorer {scorer.name!r} returned shape {tuple(scores.shape)}, expected ({len(features)},)"
+            )
+        return mask_nonfinite(scores, features.feats, features.logits)
 
     def score_features(self, features: Features | torch.Tensor) -> torch.Tensor:
         """Scores ``(N,)`` of precomputed features, higher = more typical.
@@ -325,30 +432,20 @@ class FailureDetector:
         Raises:
             ValueError: when the feature dimension differs from the one fitted.
         """
-        self._check_fitted()
+        fitted = self._state()
         if isinstance(features, torch.Tensor):
             features = Features(features)
-        d = features.feats.shape[1]
-        if d != self.n_features_:
-            raise ValueError(f"features have dimension {d}, expected {self.n_features_} (the fitted dimension)")
-        bad = ~torch.isfinite(features.feats).all(dim=1)
-        if features.logits is not None:
-            bad |= ~torch.isfinite(features.logits).all(dim=1)
-        scores = self.scorer_.score(features).detach().float().cpu()
-        if scores.shape != (len(features),):
-            raise RuntimeError(
-                f"scorer {self.scorer_.name!r} returned shape {tuple(scores.shape)}, expected ({len(features)},)"
-            )
-        bad |= torch.isnan(scores)
-        return torch.where(bad, torch.full_like(scores, -math.inf), scores)
+        return self._score_with(fitted.scorer, features, fitted.n_features)
 
     def score(self, x: Any, *, batch_fn: Callable | None = None) -> torch.Tensor:
         """Scores ``(N,)`` (CPU float32) of inputs ``x``: a batch ``(N, ...)`` or an iterable of batches.
 
         Higher = more typical of the training data; for the GMM the log-likelihood of the features
-        (or ``-BPD``). Non-finite features score ``-inf``.
+        (or ``-BPD``). Non-finite features score ``-inf``. An empty batch gives an empty tensor.
         """
-        self._check_fitted()
+        self._state()
+        if isinstance(x, torch.Tensor) and x.shape[0] == 0:
+            return torch.empty(0)
         return self.score_features(self.features(x, batch_fn=batch_fn))
 
     def detect(self, x: Any, threshold: float | None = None, *, batch_fn: Callable | None = None) -> torch.Tensor:
@@ -363,39 +460,40 @@ class FailureDetector:
     def as_module(self, threshold: float | None = None) -> nn.Module:
         """The attached model and this detector as one module: ``forward(x) -> (logits, score, flag)``.
 
-        The model is rewritten with ``torch.fx`` to return the hooked activation with its output, so no Python
-        hook runs at inference; the scorer runs as its own module (``scorer_.as_module()``) and the threshold
-        (default ``threshold_``) is a buffer. Works with ``torch.jit.trace``, ``torch.export`` and
-        ``torch.compile`` where the model does, on any device (``.to(device)``).
+        The model is rewritten to return the hooked activation with its output, so no Python hook runs at
+        inference; the scorer runs as its own module (``scorer_.as_module()``) and the threshold (default
+        ``threshold_``; pass ``threshold=float("-inf")`` to flag nothing) is a buffer.
 
         Raises:
-            ValueError: when the model cannot be traced by ``torch.fx``; TypeError when the scorer has no
-                ``as_module()``.
+            NotFittedError: before :meth:`calibrate` unless ``threshold`` is given.
+            TypeError: when the scorer has no module form.
         """
         from .deploy import DetectorModule, feature_extractor
 
-        self._check_fitted()
+        fitted = self._state()
         model = self._require_model()
-        make = getattr(self.scorer_, "as_module", None)
-        if not callable(make):
-            raise TypeError(f"scorer {self.scorer_.name!r} has no as_module(); it cannot be deployed as a module")
-        t = self._threshold(threshold) if (threshold is not None or self.threshold_ is not None) else -math.inf
+        t = self._threshold(threshold)
         pool = None if self.config.pool == "none" else self.config.pool
         extractor = feature_extractor(model, self.layers_)
-        return DetectorModule(extractor, make(), t, pool=pool, output_fn=self.output_fn).eval()
+        return DetectorModule(extractor, fitted.scorer.as_module(), t, pool=pool, output_fn=self.output_fn).eval()
 
     def purify(self, x_or_features: Any, lr: float = 0.1, nu: float = 0.01, steps: int = 100, **kwargs: Any):
-        """:func:`featurefail.purify` with this detector (GMM scorer; head = the hooked ``nn.Linear``)."""
+        """:func:`featurefail.purify` with this detector (GMM scorer; head = the hooked classifier head)."""
         from .purify import purify
 
-        self._check_fitted()
+        self._state()
         return purify(self, x_or_features, lr=lr, nu=nu, steps=steps, **kwargs)
 
     def _threshold(self, threshold: float | None) -> float:
         if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+                raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+            if math.isnan(threshold):
+                raise ValueError("threshold is NaN; a NaN threshold would flag nothing")
             return float(threshold)
+        self._state()
         if self.threshold_ is None:
-            raise NotFittedError("no threshold: call calibrate(val_loader) or pass threshold=")
+            raise NotFittedError("the detector has no threshold yet: call calibrate(val_loader) or pass threshold=")
         return self.threshold_
 
     # ---- saving -----------------------------------------------------------------------------------------------
@@ -403,39 +501,11 @@ class FailureDetector:
     def save(self, path: str | Path) -> None:
         """Write the detector to one safetensors file: tensors plus JSON metadata (config, scalars, version).
 
-        The model is not saved; attach it again with ``FailureDetector.load(path, model=model)``.
+        The model is not saved, only its fingerprint; attach it again with ``FailureDetector.load(path, model=model)``.
         """
-        from safetensors.torch import save_file
+        from .persistence import save_detector
 
-        self._check_fitted()
-        for method in ("state_dict", "get_config"):
-            if not callable(getattr(self.scorer_, method, None)):
-                raise TypeError(f"scorer {self.scorer_.name!r} has no {method}(); it cannot be saved")
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, Any] = {}
-        for key, value in self.scorer_.state_dict().items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"scorer.{key}"] = value.detach().cpu().contiguous()
-            elif isinstance(value, bool | int | float | str) or value is None:
-                scalars[key] = value
-            else:
-                raise TypeError(f"scorer state {key!r} is a {type(value).__name__}; only tensors and numbers")
-        if self.head_weight_ is not None and self.head_bias_ is not None:
-            tensors["head.weight"] = self.head_weight_.contiguous()
-            tensors["head.bias"] = self.head_bias_.contiguous()
-        metadata = {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "config": self.config.model_dump_json(),
-            "scorer": self.scorer_.name,
-            "scorer_config": json.dumps(self.scorer_.get_config()),
-            "scorer_scalars": json.dumps(scalars),
-            "n_features": str(self.n_features_),
-            "threshold": json.dumps(self.threshold_),
-            "calibration": json.dumps(self.calibration_.as_dict() if self.calibration_ else None),
-            "layers": json.dumps(self._layers),
-        }
-        save_file(tensors, str(path), metadata=metadata)
+        save_detector(self, self._state(), path)
 
     @classmethod
     def load(
@@ -443,74 +513,80 @@ class FailureDetector:
         path: str | Path,
         model: nn.Module | None = None,
         *,
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        output_fn: Callable[[Any], Any] | None = None,
         device: str | None = None,
+        check_model: bool = True,
     ) -> FailureDetector:
-        """Read a detector written by :meth:`save`; nothing in the file is executed.
+        """Read a detector written by :meth:`save`; nothing in the file is executed and everything is validated.
 
         Args:
             path: the file.
             model: the classifier to attach (needed for :meth:`score` on inputs, not on features).
             device: override the saved device (e.g. ``"cpu"`` for a detector fitted on a GPU).
+            check_model: refuse a model whose weights differ from those the detector was fitted on (the file
+                keeps their SHA-256 fingerprint); ``False`` accepts it.
 
         Raises:
-            ValueError: when the file is not a featurefail detector (a pickle, say), is truncated, or has an
-                unsupported format version.
+            ValueError: when the file is not a featurefail detector (a pickle, say), is truncated, damaged, has an
+                unsupported format version, or the model does not match.
         """
-        from safetensors import SafetensorError, safe_open
+        from .persistence import load_detector
 
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"{path} is not a readable featurefail detector (safetensors) file: {exc}") from None
-        if metadata.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is a safetensors file but not a featurefail detector")
-        version = metadata.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise ValueError(
-                f"{path} has detector format version {version}; this featurefail reads version {FORMAT_VERSION}"
-            )
-        try:
-            config = DetectorConfig.model_validate_json(metadata["config"])
-            if device is not None:
-                config.device = device
-            scorer_config = json.loads(metadata["scorer_config"])
-            if metadata["scorer"] == "gmm" and device is not None:
-                scorer_config["device"] = device
-            scalars = json.loads(metadata["scorer_scalars"])
-            threshold = json.loads(metadata["threshold"])
-            calibration = json.loads(metadata["calibration"])
-            n_features = int(metadata["n_features"])
-            layers = json.loads(metadata.get("layers", "null"))
-            if layers is not None and not (
-                isinstance(layers, list) and all(isinstance(v, str) or v is None for v in layers)
-            ):
-                raise ValueError(f"layers must be a list of module names, got {layers!r}")
-        except (KeyError, ValueError, ValidationError) as exc:
-            raise ValueError(f"{path} has damaged detector metadata: {exc}") from None
-        detector = cls(config, output_fn=output_fn)
-        scorer = get_scorer(metadata["scorer"], **scorer_config)
-        state = {k[len("scorer.") :]: v for k, v in tensors.items() if k.startswith("scorer.")}
-        state.update(scalars)
-        scorer.load_state_dict(state)  # type: ignore[attr-defined]
-        attach = getattr(scorer, "attach", None)
-        if callable(attach) and model is not None:
-            attach(model, detector._hook)
-        detector.scorer_ = scorer
-        detector._layers = layers
-        detector.n_features_ = n_features
-        detector.threshold_ = None if threshold is None else float(threshold)
-        detector.calibration_ = ThresholdResult(**calibration) if calibration else None
-        detector.head_weight_ = tensors.get("head.weight")
-        detector.head_bias_ = tensors.get("head.bias")
-        detector.model_ = model
-        return detector
+        return load_detector(cls, path, model, output_fn=output_fn, device=device, check_model=check_model)
+
+    def restore(self, fitted: FittedState, threshold: float | None, calibration: ThresholdResult | None) -> None:
+        """Install a fitted state with its threshold (what :meth:`load` does after validating a file)."""
+        if fitted.model is not None:
+            fitted.scorer.attach(self._context(fitted))
+        self._commit(fitted)
+        self.threshold_, self.calibration_ = threshold, calibration
 
     def __repr__(self) -> str:
-        state = "fitted" if hasattr(self, "scorer_") else "not fitted"
+        state = "fitted" if self._fitted is not None else "not fitted"
         return f"FailureDetector(scorer={self.config.scorer!r}, {state}, threshold={self.threshold_})"
+
+
+def _build_config(scorer: str | Scorer | None, kwargs: dict[str, Any]) -> DetectorConfig:
+    """The config of ``FailureDetector(scorer=..., **kwargs)``: detector fields, then the scorer's settings, all
+    explicit (the scorer's defaults filled in), so ``detector.config`` shows every value in use."""
+    fields = set(DetectorConfig.model_fields) - {"scorer", "scorer_options"}
+    own = {k: v for k, v in kwargs.items() if k in fields}
+    settings = dict(kwargs.get("scorer_options") or {})
+    settings |= {k: v for k, v in kwargs.items() if k not in fields and k not in ("scorer_options", "scorer")}
+    if isinstance(scorer, Scorer):
+        if settings:
+            raise ValueError(
+                f"settings {sorted(settings)} were given beside a scorer instance; give them to the scorer itself"
+            )
+        if isinstance(scorer, PerLayer):
+            own.setdefault("per_layer", True)
+            scorer = scorer.base
+        name, settings = scorer.name, scorer.get_params()
+        if name not in available_scorers() or scorer_class(name) is not type(scorer):
+            raise ValueError(
+                f"{type(scorer).__name__} is not registered: decorate it with @register_scorer('name') so that a "
+                "detector can rebuild it (save/load find scorers by name)"
+            )
+    else:
+        preset = DEFAULT_DETECTOR if scorer is None else {"scorer": scorer, "scorer_options": {}}
+        name = preset["scorer"]
+        if not isinstance(name, str):
+            raise TypeError(f"scorer must be a registered name or a Scorer instance, got {type(name).__name__}")
+        own = {k: v for k, v in preset.items() if k not in ("scorer", "scorer_options")} | own
+        settings = preset["scorer_options"] | settings
+        known = scorer_class(name).setting_names()
+        for detector_field, roles in _FORWARDED.items():
+            for role in roles:
+                if role in known and role not in settings and own.get(detector_field) is not None:
+                    settings[role] = own[detector_field]
+        try:
+            settings = build_scorer(name, settings).get_params()
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+    try:
+        return DetectorConfig(scorer=name, scorer_options=settings, **own)
+    except ValidationError as exc:
+        raise ValueError(f"invalid FailureDetector settings:\n{exc}") from None
 
 
 def score(detector: FailureDetector, x: Any) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +26,10 @@ from torch import nn
 
 from . import metrics
 from .attacks import bim, fgsm
+from .detector import FailureDetector, penultimate_head
 from .features import Features, extract_features
-from .hooks import FeatureHook, auto_layers
+from .hooks import FeatureHook
 from .preprocess import observe_fits
-from .scorers.base import get_scorer
 from .stats import mann_whitney
 
 __all__ = [
@@ -214,6 +213,8 @@ class EvalData:
     test: Features
     sources: list[Source] = field(default_factory=list)
     layers: list[str | None] | None = None
+    auto: bool = False
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -232,10 +233,13 @@ class EvalData:
         for i, src in enumerate(self.sources):
             put(f"source{i}", src.failures)
             tensors[f"source{i}.normal_mask"] = src.normal_mask.clone().contiguous()
+        if self.head is not None:
+            tensors["head.weight"], tensors["head.bias"] = (t.clone().contiguous() for t in self.head)
         meta = {
             "sources": json.dumps([[src.name, src.kind] for src in self.sources]),
             "blocks": json.dumps(list(self.train.blocks) if self.train.blocks else None),
             "layers": json.dumps(self.layers),
+            "auto": json.dumps(self.auto),
         }
         save_file(tensors, str(path), metadata=meta)
         return Path(path)
@@ -258,7 +262,16 @@ class EvalData:
             Source(name, kind, get(f"source{i}"), tensors[f"source{i}.normal_mask"])
             for i, (name, kind) in enumerate(json.loads(meta["sources"]))
         ]
-        return cls(get("train"), get("val"), get("test"), sources, layers=json.loads(meta.get("layers", "null")))
+        head = (tensors["head.weight"], tensors["head.bias"]) if "head.weight" in tensors else None
+        return cls(
+            get("train"),
+            get("val"),
+            get("test"),
+            sources,
+            layers=json.loads(meta.get("layers", "null")),
+            auto=bool(json.loads(meta.get("auto", "false"))),
+            head=head,
+        )
 
     def select_blocks(self, indices: int | list[int]) -> EvalData:
         """The same data restricted to some layer blocks (see :meth:`Features.select_blocks`)."""
@@ -266,7 +279,8 @@ class EvalData:
         pick = lambda f: f.select_blocks(wanted)  # noqa: E731
         layers = [self.layers[i] for i in wanted] if self.layers else None
         sources = [Source(s.name, s.kind, pick(s.failures), s.normal_mask) for s in self.sources]
-        return EvalData(pick(self.train), pick(self.val), pick(self.test), sources, layers=layers)
+        head = self.head if wanted and wanted[0] == 0 else None
+        return EvalData(pick(self.train), pick(self.val), pick(self.test), sources, layers=layers, head=head)
 
 
 def collect(
@@ -286,27 +300,30 @@ def collect(
 ) -> EvalData:
     """Extract clean features, craft the attacks and extract every failure source (see the module docstring).
 
-    ``layer`` may list several layers (``None`` = the penultimate one) or be ``"auto"``
-    (:func:`~featurefail.hooks.auto_layers`): every set then carries the pooled, concatenated blocks
-    (``Features.blocks``) and :meth:`EvalData.select_blocks` picks some of them.
+    Features come from the same hook as ``FailureDetector.fit``: ``layer`` may list several layers (``None`` =
+    the penultimate one) or be ``"auto"``, resolved on the first training batch exactly as ``fit`` resolves it;
+    every set then carries the pooled, concatenated blocks (``Features.blocks``) and
+    :meth:`EvalData.select_blocks` picks some of them. The classifier head is kept when the first block is its
+    input.
     """
     say = progress or (lambda message: None)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev).eval()
-
-    if isinstance(layer, str) and layer == "auto":
-        layer = auto_layers(model, test[0][:2].to(dev))
-        say(f"layer='auto' resolved to {layer}")
+    first = FeatureHook(model, layer=layer)
+    say("extracting features of train / validation / test")
+    f_train = _features(model, *train, lambda: first, keep_inputs, batch_size, dev)
+    resolved = first.resolved_layers
+    if layer == "auto":
+        say(f"layer='auto' resolved to {resolved}")
+    head = penultimate_head(first)
 
     def make_hook() -> FeatureHook:
-        return FeatureHook(model, layer=layer)
+        return FeatureHook(model, layer=resolved if len(resolved) > 1 else resolved[0])
 
-    say("extracting features of train / validation / test")
-    f_train = _features(model, *train, make_hook, keep_inputs, batch_size, dev)
     f_val = _features(model, *val, make_hook, keep_inputs, batch_size, dev)
     f_test = _features(model, *test, make_hook, keep_inputs, batch_size, dev)
     correct = f_test.correct
-    data = EvalData(f_train, f_val, f_test, layers=list(layer) if isinstance(layer, list | tuple) else [layer])
+    data = EvalData(f_train, f_val, f_test, layers=list(resolved), auto=layer == "auto", head=head)
     if (~correct).any() and correct.any():
         data.sources.append(Source("test mistakes", "mistakes", f_test.subset(~correct), correct))
     clean_x, clean_y = test[0][correct], test[1][correct]
@@ -331,18 +348,45 @@ def collect(
     return data
 
 
+def detector_for(name: str, options: Mapping[str, Any] | None = None, seed: int = 0) -> FailureDetector:
+    """The detector a runner row evaluates: ``"default"`` = ``FailureDetector()``, ``"paper"`` =
+    ``FailureDetector.paper()``, any other name = ``FailureDetector(scorer=name)``; ``options`` are keyword
+    settings of the detector or its scorer, ``seed`` the detector's seed (the scorer's unless given)."""
+    settings = {"progress": False, "seed": seed, **dict(options or {})}
+    if name == "default":
+        return FailureDetector(**settings)
+    if name == "paper":
+        return FailureDetector.paper(**settings)
+    return FailureDetector(scorer=name, **settings)
+
+
+def _blocks_for(detector: FailureDetector, data: EvalData) -> list[int]:
+    layer = detector.config.layer
+    available = data.layers or [None]
+    if layer == "auto":
+        if not data.auto:
+            raise ValueError("this detector hooks layer='auto': collect the data with collect(..., layer='auto')")
+        return list(range(len(available)))
+    wanted = layer if isinstance(layer, list) else [layer]
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise ValueError(f"the collected data have no layer {missing[0]!r}; they hold {available}")
+    return [available.index(name) for name in wanted]
+
+
 def evaluate_features(
     data: EvalData,
     *,
-    scorers: Sequence[str] = ("gmm", "max_softmax"),
+    scorers: Sequence[str] = ("default", "max_softmax"),
     scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
     seeds: Sequence[int] = (0,),
     model: nn.Module | None = None,
-    layer: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Fit every scorer on ``data.train`` (and ``data.val`` through ``fit_validation``) for every seed and score
-    every source. ``model`` is needed only by scorers with ``attach`` (Mahalanobis preprocessing)."""
+    """Build every row's detector (:func:`detector_for`), fit it on ``data.train`` and ``data.val`` with
+    ``FailureDetector.fit_features`` / ``fit_validation`` for every seed, and score every source with
+    ``score_features`` — the pipeline of ``FailureDetector`` itself. ``model`` is needed only by scorers that
+    need it (Mahalanobis input preprocessing)."""
     say = progress or (lambda message: None)
     options = {k: dict(v) for k, v in (scorer_options or {}).items()}
     correct = data.test.correct
@@ -351,24 +395,21 @@ def evaluate_features(
     for seed in seeds:
         for name in scorers:
             say(f"seed {seed}: fitting {name}")
-            scorer = get_scorer(name, **_seeded(name, options.get(name, {}), seed))
-            attach = getattr(scorer, "attach", None)
-            if callable(attach) and model is not None:
-                attach(model, lambda m: FeatureHook(m, layer=layer))
+            detector = detector_for(name, options.get(name), seed)
+            blocks = _blocks_for(detector, data)
+            sub = data if blocks == list(range(len(data.layers or [None]))) else data.select_blocks(blocks)
             with observe_fits() as preprocessing_fits:
-                scorer.fit(data.train)
-                fit_validation = getattr(scorer, "fit_validation", None)
-                if callable(fit_validation):
-                    fit_validation(data.val)
-            _assert_only_clean_data_fitted(data.train, data.val, data.sources)
-            _assert_preprocessing_fitted_on_train(preprocessing_fits, data.train, name)
-            s_test = _score(scorer, data.test)
+                detector.fit_features(sub.train, model=model, head=sub.head)
+                detector.fit_validation(sub.val)
+            _assert_only_clean_data_fitted(sub.train, sub.val, sub.sources)
+            _assert_preprocessing_fitted_on_train(preprocessing_fits, sub.train, name)
+            s_test = detector.score_features(sub.test)
             if seed == seeds[0] and (~correct).any() and correct.any():
                 mw = mann_whitney(s_test[correct], s_test[~correct])
                 result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
-            for src in data.sources:
+            for src in sub.sources:
                 normal = s_test[src.normal_mask]
-                failed = _score(scorer, src.failures)
+                failed = detector.score_features(src.failures)
                 per_seed.setdefault((name, src.name), []).append(
                     (
                         metrics.auroc(normal, failed),
@@ -410,36 +451,43 @@ def evaluate(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     *,
-    scorers: Sequence[str] = ("gmm", "max_softmax"),
+    scorers: Sequence[str] = ("default", "max_softmax"),
     scorer_options: Mapping[str, Mapping[str, Any]] | None = None,
     ood: Mapping[str, torch.Tensor] | None = None,
     attacks: Sequence[str] = (),
     seeds: Sequence[int] = (0,),
-    layer: str | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     bim_steps: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Run every scorer on every failure source for every seed: :func:`collect` then :func:`evaluate_features`.
+    """Run every detector on every failure source for every seed: :func:`collect` then :func:`evaluate_features`.
 
     Args:
         model: the classifier (inputs in [0, 1], normalisation inside).
         train, val, test: ``(x, y)`` tensors; labels of ``train`` are used only by scorers that need them.
-        scorers: registered scorer names.
-        scorer_options: per-scorer keyword arguments (the scorer's ``seed``/``random_state`` is set per seed).
+        scorers: row names: ``"default"`` (``FailureDetector()``), ``"paper"`` (``FailureDetector.paper()``) or
+            registered scorer names (``FailureDetector(scorer=name)``).
+        scorer_options: per-row keyword settings of the detector or its scorer (e.g. ``{"gmm": {"n_components":
+            10}, "default": {"layer": None}}``); the seed is set per seed unless given.
         ood: name -> ``(M, ...)`` out-of-distribution inputs shaped like ``test[0]``.
         attacks: specs like ``"fgsm:0.03"`` or ``"bim:8/255"`` (crafted on the test set).
-        seeds: one fit of every scorer per seed; rows report mean ± std.
-        layer: hooked layer (default: input of the last ``nn.Linear``).
+        seeds: one fit of every detector per seed; rows report mean ± std.
 
     Returns:
         :class:`EvalResult`.
     """
     options = {k: dict(v) for k, v in (scorer_options or {}).items()}
-    keep_inputs = any(
-        getattr(get_scorer(n, **_seeded(n, options.get(n, {}), 0)), "requires_inputs", False) for n in scorers
-    )
+    detectors = [detector_for(name, options.get(name)) for name in scorers]
+    layers = [d.config.layer for d in detectors]
+    if "auto" in layers:
+        if any(layer not in ("auto", None) for layer in layers):
+            raise ValueError("rows hooking layer='auto' and rows hooking named layers cannot share one collection")
+        layer: Any = "auto"
+    else:
+        names = [None, *dict.fromkeys(n for la in layers for n in (la if isinstance(la, list) else [la]))]
+        names = list(dict.fromkeys(names))
+        layer = names if len(names) > 1 else None
     data = collect(
         model,
         train,
@@ -451,32 +499,10 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         bim_steps=bim_steps,
-        keep_inputs=keep_inputs,
+        keep_inputs=any(d.new_scorer().requires_inputs for d in detectors),
         progress=progress,
     )
-    return evaluate_features(
-        data, scorers=scorers, scorer_options=options, seeds=seeds, model=model, layer=layer, progress=progress
-    )
-
-
-def _seeded(name: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
-    """``options`` with the scorer's own seed argument (``seed`` or ``random_state``, if it has one) set."""
-    import inspect
-
-    from .scorers.base import _REGISTRY
-
-    params = inspect.signature(_REGISTRY[name]).parameters if name in _REGISTRY else {}
-    opts = dict(options)
-    for key in ("seed", "random_state"):
-        if key in params:
-            opts[key] = seed
-    return opts
-
-
-def _score(scorer: Any, features: Features) -> torch.Tensor:
-    s = scorer.score(features).detach().float().cpu()
-    bad = ~torch.isfinite(features.feats).all(dim=1) | torch.isnan(s)
-    return torch.where(bad, torch.full_like(s, -math.inf), s)
+    return evaluate_features(data, scorers=scorers, scorer_options=options, seeds=seeds, model=model, progress=progress)
 
 
 def _assert_only_clean_data_fitted(f_train: Features, f_val: Features, sources: list[Source]) -> None:

@@ -2,20 +2,25 @@
 
     F* = argmin_F  BPD(F) + ν ‖F − F_ref‖²,   by   F ← F − ε (∇_F BPD(F) + 2ν (F − F_ref))
 
-for a fixed number of steps, then logits = W F* + b with the classifier's last linear layer (or a head you
-pass). Nothing flows back into the model or the GMM: only the features are optimised.
+for a fixed number of steps, each step backtracked until J = BPD + ν‖F − F_ref‖² decreases, then logits = W F* + b
+with the classifier head (or a head you pass). Nothing flows back into the model or the GMM: only the features
+are optimised.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .features import Features
+from .scorers.gmm import GMMScorer
+from .scorers.per_layer import PerLayer
 
 __all__ = ["GridRow", "PurificationGrid", "PurifyResult", "bpd_gradient", "purification_grid", "purify"]
 
@@ -34,6 +39,7 @@ class PurifyResult:
         distance: ``(N,)`` ``‖F* − F_ref‖₂``, how far each feature moved.
         bpd_before, bpd_after: ``(N,)`` bits per dimension of ``F_ref`` and ``F*``.
         bpd_history: ``(steps + 1, N)`` BPD after each step, when requested.
+        finite: ``(N,)`` bool, False for rows holding NaN or infinity (not purified; prediction ``-1``).
     """
 
     features: torch.Tensor
@@ -44,45 +50,46 @@ class PurifyResult:
     bpd_before: torch.Tensor
     bpd_after: torch.Tensor
     bpd_history: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
 
 
-def bpd_gradient(gmm: Any, feats: torch.Tensor, transform: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BPD(F)`` and ``∇_F BPD(F)`` row by row: ``(N, D) -> (N,), (N, D)``; the GMM gets no gradient.
+def bpd_gradient(density: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BPD(F)`` and ``∇_F BPD(F)`` row by row: ``(N, D) -> (N,), (N, D)``; the density gets no gradient.
 
-    With ``transform`` (the scorer's fitted preprocessing) the density is that of ``transform(F)``.
+    ``density`` is a module ``(feats, logits) -> -BPD`` such as ``GMMScorer.bpd_module()``.
     """
     f = feats.detach().requires_grad_(True)
     with torch.enable_grad():
-        bpd = gmm.bpd(transform(f) if transform is not None else f)
+        bpd = -density(f, None)
         (grad,) = torch.autograd.grad(bpd.sum(), f)
     return bpd.detach(), grad
 
 
-def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head, Callable | None]:
-    scorer = getattr(detector, "scorer_", None)
-    if getattr(scorer, "per_layer", False):
-        blocks = getattr(scorer, "block_scorers_", [])
-        if len(blocks) != 1:
+def _density_and_head(detector: Any, head: Head | None) -> tuple[nn.Module, Head, slice]:
+    """The penultimate block's density (``-BPD`` module), the head re-classifying it, and its columns."""
+    scorer = detector.scorer_
+    layers = detector.layers_
+    columns = slice(None)
+    if isinstance(scorer, PerLayer):
+        first_is_penultimate = layers is None or (isinstance(layers, list) and layers[0] is None)
+        if not first_is_penultimate and len(scorer.parts_) > 1:
             raise ValueError(
-                "purify follows the gradient of one mixture on the penultimate features; this detector scores "
-                f"{len(blocks)} layers with a mixture each. Use FailureDetector.paper() (or layer=None) to purify"
+                f"purify works on the penultimate layer's mixture; this detector's first layer is {layers[0]!r}"
             )
-        scorer = blocks[0]  # one layer: the per-layer scorer is one mixture
-    gmm = getattr(scorer, "gmm", None)
-    transform = getattr(scorer, "transform_", None)
-    if gmm is None:
-        raise ValueError("purify needs a detector fitted with the GMM scorer (scorer='gmm')")
+        columns = scorer.block_slices()[0]
+        scorer = scorer.parts_[0]
+    elif isinstance(layers, list) and len(layers) > 1:
+        raise ValueError(
+            f"this detector models the concatenation of several layers ({layers}) with one mixture, which has no "
+            "density of the penultimate features alone; use per_layer=True (the default detector) or layer=None"
+        )
+    if not isinstance(scorer, GMMScorer):
+        raise ValueError(f"purify needs a density of the features: the GMM scorer, not {scorer.name!r}")
     if head is None:
-        layers = getattr(detector, "layers_", None)
-        if isinstance(layers, list) and len(layers) > 1:
-            raise ValueError(
-                f"this detector hooks several layers ({layers}); the head re-classifies the penultimate features "
-                "only. Fit a detector with layer=None to purify, or pass head= mapping these features to logits"
-            )
         if detector.head_weight_ is None:
             raise ValueError(
-                "the hooked layer is not an nn.Linear, so there is no head to re-classify with; "
-                "pass head=callable mapping features (N, D) to logits (N, C)"
+                "the hooked layer is not the input of the classifier head, so there is no head to re-classify "
+                "with; pass head=callable mapping features (N, D) to logits (N, C)"
             )
         weight, bias = detector.head_weight_, detector.head_bias_
 
@@ -90,7 +97,7 @@ def _resolve(detector: Any, head: Head | None) -> tuple[Any, Head, Callable | No
             return torch.nn.functional.linear(f, weight.to(f), bias.to(f))
 
         head = linear_head
-    return gmm, head, transform
+    return scorer.bpd_module(), head, columns
 
 
 def purify(
@@ -104,26 +111,37 @@ def purify(
     as_features: bool = False,
     batch_size: int = 4096,
     history: bool = False,
+    max_halvings: int = 30,
 ) -> PurifyResult:
-    """Purify features by gradient descent on ``BPD(F) + ν‖F − F_ref‖²`` and re-classify them.
+    """Purify features by descent on ``J(F) = BPD(F) + ν‖F − F_ref‖²`` and re-classify them.
+
+    Each step is ``F ← F − ε_n ∇J(F)`` with a per-row step ``ε_n`` that starts at ``lr`` and is halved until the
+    Armijo condition ``J(F_new) ≤ J(F) − 10⁻⁴ ε_n ‖∇J‖²`` holds (backtracking line search), so ``J`` never
+    increases and no step can diverge; a row whose step cannot decrease ``J`` after ``max_halvings`` halvings
+    stays where it is (it is at a stationary point to float precision). Since ``J(F*) ≤ J(F_ref) = BPD(F_ref)``,
+    ``BPD(F*) ≤ BPD(F_ref) − ν‖F* − F_ref‖²``: purification never lowers the likelihood.
+
+    With the default detector (one mixture per layer) the penultimate layer's mixture and columns are used.
+    Rows holding NaN or infinity are not purified: ``finite`` is False there, their prediction is ``-1``.
 
     Args:
         detector: a fitted :class:`~featurefail.FailureDetector` with the ``"gmm"`` scorer.
         x_or_features: :class:`~featurefail.Features`, a tensor of inputs (run through the attached model), or
             a ``(N, D)`` tensor of features with ``as_features=True``.
-        lr: step size ``ε``.
+        lr: the largest step size ``ε``.
         nu: pull ``ν`` toward the original features (``ν = 0``: pure likelihood ascent).
         steps: gradient steps (the paper: 100).
-        head: callable features -> logits; default the hooked ``nn.Linear`` (W, b).
+        head: callable features -> logits; default the classifier head (W, b) found by the hook.
         batch_size: rows optimised at once.
         history: also return the BPD after every step.
+        max_halvings: backtracking halvings tried per step.
 
     Returns:
         :class:`PurifyResult`.
     """
-    if steps < 0 or lr <= 0 or nu < 0:
-        raise ValueError(f"need steps >= 0, lr > 0 and nu >= 0; got steps={steps}, lr={lr}, nu={nu}")
-    gmm, head, transform = _resolve(detector, head)
+    if steps < 0 or not lr > 0 or not nu >= 0 or not math.isfinite(lr) or not math.isfinite(nu):
+        raise ValueError(f"need steps >= 0, finite lr > 0 and finite nu >= 0; got steps={steps}, lr={lr}, nu={nu}")
+    density, head, columns = _density_and_head(detector, head)
     if isinstance(x_or_features, Features):
         feats = x_or_features.feats
     elif as_features:
@@ -133,39 +151,79 @@ def purify(
     expected = detector.n_features_
     if feats.ndim != 2 or feats.shape[1] != expected:
         raise ValueError(f"features must be (N, {expected}), got {tuple(feats.shape)}")
-    device = gmm.device_
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f", "before", "after", "hist", "lg", "lg0")}
+    feats = feats[:, columns]
+    device = next(iter(density.buffers())).device
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f", "before", "after", "hist", "lg", "lg0", "ok")}
     for ref in torch.split(feats, batch_size):
-        ref = ref.detach().to(device, torch.float64 if gmm.dtype == torch.float64 else torch.float32)
-        f = ref.clone()
-        trace = []
-        for _ in range(steps):
-            bpd, grad = bpd_gradient(gmm, f, transform)
-            trace.append(bpd)
-            f = f - lr * (grad + 2.0 * nu * (f - ref))
-        final = gmm.bpd(transform(f) if transform is not None else f).detach()
-        trace.append(final)
+        ref = ref.detach().to(device, torch.float64)
+        finite = torch.isfinite(ref).all(dim=1)
+        ref = torch.where(finite[:, None], ref, torch.zeros_like(ref))
+        f, trace = _descend(density, ref, lr, nu, steps, max_halvings)
         with torch.no_grad():
-            out["lg"].append(head(f).float())
-            out["lg0"].append(head(ref).float())
-        out["f"].append(f.detach())
+            out["lg"].append(head(f.float()).float())
+            out["lg0"].append(head(ref.float()).float())
+        out["f"].append(torch.where(finite[:, None], f, torch.full_like(f, math.nan)))
         out["before"].append(trace[0])
-        out["after"].append(final)
+        out["after"].append(trace[-1])
+        out["ok"].append(finite)
         if history:
             out["hist"].append(torch.stack(trace))
     purified = torch.cat(out["f"])
+    finite = torch.cat(out["ok"])
     logits = torch.cat(out["lg"])
     ref_all = feats.to(device, purified.dtype)
+    missing = torch.full((len(finite),), -1, dtype=torch.long, device=logits.device)
+    nan = torch.full_like(finite, math.nan, dtype=purified.dtype)
     return PurifyResult(
         features=purified,
-        logits=logits,
-        predictions=logits.argmax(dim=1),
-        original_predictions=torch.cat(out["lg0"]).argmax(dim=1),
-        distance=(purified - ref_all).norm(dim=1),
-        bpd_before=torch.cat(out["before"]),
-        bpd_after=torch.cat(out["after"]),
+        logits=torch.where(finite[:, None], logits, torch.full_like(logits, math.nan)),
+        predictions=torch.where(finite, logits.argmax(dim=1), missing),
+        original_predictions=torch.where(finite, torch.cat(out["lg0"]).argmax(dim=1), missing),
+        distance=torch.where(finite, (purified - ref_all).norm(dim=1), nan),
+        bpd_before=torch.where(finite, torch.cat(out["before"]), nan),
+        bpd_after=torch.where(finite, torch.cat(out["after"]), nan),
         bpd_history=torch.cat(out["hist"], dim=1) if history else None,
+        finite=finite,
     )
+
+
+def _descend(
+    density: nn.Module, ref: torch.Tensor, lr: float, nu: float, steps: int, max_halvings: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Monotone backtracking descent of ``J`` from ``ref`` (float64): the final features and BPD per step."""
+
+    def objective(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bpd = -density(f, None).double()
+        return bpd + nu * ((f - ref) ** 2).sum(dim=1), bpd
+
+    f = ref.clone()
+    with torch.no_grad():
+        value, bpd = objective(f)
+    trace = [bpd]
+    step = torch.full_like(value, lr)
+    for _ in range(steps):
+        g = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(objective(g)[0].sum(), g)
+        grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+        sq = (grad * grad).sum(dim=1)
+        pending = sq > 0
+        trial = step.clone()
+        with torch.no_grad():
+            for _ in range(max_halvings):
+                if not pending.any():
+                    break
+                candidate = f - trial[:, None] * grad
+                new_value, new_bpd = objective(candidate)
+                accept = pending & torch.isfinite(new_value) & (new_value <= value - 1e-4 * trial * sq)
+                f = torch.where(accept[:, None], candidate, f)
+                value = torch.where(accept, new_value, value)
+                bpd = torch.where(accept, new_bpd, bpd)
+                pending = pending & ~accept
+                trial = torch.where(pending, trial / 2, trial)
+        step = torch.where(pending, step, torch.minimum(trial * 2, torch.full_like(trial, lr)))
+        trace.append(bpd)
+    return f.detach(), trace
 
 
 @dataclass

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..exceptions import NotFittedError
 from ..features import Features
 from ..metrics import auroc
-from .base import check_features, register_scorer
+from .base import Scorer, check_features, register_scorer
 from .gmm import GMMScorer
 
 __all__ = ["FusedScorer"]
@@ -33,7 +35,7 @@ def _robust_scale(values: torch.Tensor) -> tuple[float, float]:
 
 
 @register_scorer("fused")
-class FusedScorer:
+class FusedScorer(Scorer):
     """``score = w · z(log p(F)) + (1 − w) · z(e(logits))`` with ``e`` = energy (``logsumexp z``) or max-softmax.
 
     ``z(·)`` is a robust standardisation ``(s − median) / IQR`` measured on in-distribution data (the training
@@ -45,29 +47,49 @@ class FusedScorer:
     Args:
         logit_score: ``"energy"`` (default) or ``"max_softmax"``.
         weight: fix ``w`` instead of choosing it on validation.
-        **gmm: arguments of :class:`~featurefail.scorers.GMMScorer` (``n_components``, ``preprocess``, ...).
+        n_components, preprocess, max_iter, random_state, device: the settings of its
+            :class:`~featurefail.scorers.GMMScorer`.
 
     Attributes:
-        weight_: the weight in use; ``weight_search_``: validation AUROC per candidate weight.
+        gmm_scorer_: the fitted GMM scorer; weight_: the weight in use; weight_search_: validation AUROC per
+        candidate weight.
     """
 
-    name = "fused"
-    requires_labels = False
+    requires_logits = True
 
-    def __init__(self, logit_score: str = "energy", weight: float | None = None, **gmm: Any) -> None:
-        if logit_score not in ("energy", "max_softmax"):
-            raise ValueError(f"logit_score must be 'energy' or 'max_softmax', got {logit_score!r}")
-        if weight is not None and not 0.0 <= weight <= 1.0:
-            raise ValueError("weight must be in [0, 1]")
+    def __init__(
+        self,
+        logit_score: Literal["energy", "max_softmax"] = "energy",
+        weight: Annotated[float, Field(ge=0.0, le=1.0)] | None = None,
+        n_components: Annotated[int, Field(ge=1)] = 100,
+        preprocess: str | None = None,
+        max_iter: Annotated[int, Field(ge=1)] = 100,
+        random_state: int | None = 0,
+        device: str | None = None,
+    ) -> None:
         self.logit_score = logit_score
         self.weight = weight
-        self.gmm_options = gmm
-        self.gmm_scorer = GMMScorer(**gmm)
+        self.n_components = n_components
+        self.preprocess = preprocess
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.device = device
+        self.new_gmm_scorer()  # validates the GMM settings now
+
+    def new_gmm_scorer(self) -> GMMScorer:
+        """An unfitted GMM scorer with this scorer's GMM settings."""
+        return GMMScorer(
+            n_components=self.n_components,
+            preprocess=self.preprocess,
+            max_iter=self.max_iter,
+            random_state=self.random_state,
+            device=self.device,
+        )
 
     def _parts(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
         if features.logits is None:
             check_features(features, logits=True, who="FusedScorer")
-        return self.gmm_scorer.score(features).double().cpu(), _logit_evidence(features.logits, self.logit_score)
+        return self.gmm_scorer_.score(features).double().cpu(), _logit_evidence(features.logits, self.logit_score)
 
     def _standardise(self, features: Features) -> None:
         density, evidence = self._parts(features)
@@ -75,7 +97,7 @@ class FusedScorer:
 
     def fit(self, features: Features) -> FusedScorer:
         check_features(features, logits=True, who="FusedScorer")
-        self.gmm_scorer.fit(features)
+        self.gmm_scorer_ = self.new_gmm_scorer().fit(features)
         self._standardise(features)
         self.weight_ = 0.5 if self.weight is None else float(self.weight)
         return self
@@ -109,17 +131,20 @@ class FusedScorer:
         density, evidence = self._standardised(features)
         return (self.weight_ * density + (1 - self.weight_) * evidence).float()
 
-    def get_config(self) -> dict[str, Any]:
-        return {"logit_score": self.logit_score, "weight": self.weight, **self.gmm_scorer.get_config()}
-
     def state_dict(self) -> dict[str, Any]:
-        state = {f"gmm.{k}": v for k, v in self.gmm_scorer.state_dict().items()}
+        self.check_fitted()
+        state = {f"gmm.{k}": v for k, v in self.gmm_scorer_.state_dict().items()}
         state["scales"] = torch.tensor(self.scales_, dtype=torch.float64)
         state["fitted_weight"] = float(self.weight_)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> FusedScorer:
-        self.gmm_scorer.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("gmm.")})
-        self.scales_ = tuple(float(v) for v in torch.as_tensor(state["scales"]).tolist())
-        self.weight_ = float(state["fitted_weight"])
+        scales = tuple(float(v) for v in torch.as_tensor(state["scales"]).reshape(-1).tolist())
+        weight = float(state["fitted_weight"])
+        if len(scales) != 4 or not all(map(math.isfinite, scales)) or scales[1] <= 0 or scales[3] <= 0:
+            raise ValueError(f"fused scales must be 4 finite numbers with positive spreads, got {scales}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"fitted_weight must be in [0, 1], got {weight}")
+        gmm = self.new_gmm_scorer().load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("gmm.")})
+        self.gmm_scorer_, self.scales_, self.weight_ = gmm, scales, weight
         return self

@@ -9,7 +9,7 @@ import torch
 from ..exceptions import NotFittedError
 from ..features import Features
 from ._training import Standardizer, load_network, network_state, resolve_device, train_density
-from .base import check_features, register_scorer
+from .base import Scorer, check_features, register_scorer
 
 __all__ = ["MAFScorer"]
 
@@ -25,7 +25,7 @@ def _zuko():
 
 
 @register_scorer("maf")
-class MAFScorer:
+class MAFScorer(Scorer):
     """``score = log p(F)`` under a masked autoregressive flow trained by maximum likelihood.
 
     The flow is ``zuko.flows.MAF`` (5 autoregressive transforms, MADE conditioners with hidden layers of 128
@@ -38,9 +38,6 @@ class MAFScorer:
 
     Paper: Papamakarios, Pavlakou & Murray, "Masked autoregressive flow for density estimation", NeurIPS 2017.
     """
-
-    name = "maf"
-    requires_labels = False
 
     def __init__(
         self,
@@ -90,17 +87,6 @@ class MAFScorer:
             for chunk in torch.split(self.standardizer_(features.feats), 4096):
                 out.append(dist.log_prob(chunk.to(dev)).double().cpu())
         return (torch.cat(out) + self.standardizer_.log_det).float()
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "transforms": self.transforms,
-            "hidden": self.hidden,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "device": self.device,
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return network_state(self.flow_, self.standardizer_.state())

@@ -12,7 +12,7 @@ from torch import nn
 from ..exceptions import NotFittedError
 from ..features import Features
 from ._training import load_network, network_state, resolve_device, train_density
-from .base import register_scorer
+from .base import Scorer, register_scorer
 
 __all__ = ["GatedPixelCNN", "PixelCNNScorer"]
 
@@ -69,7 +69,7 @@ class GatedPixelCNN(nn.Module):
 
 
 @register_scorer("pixelcnn")
-class PixelCNNScorer:
+class PixelCNNScorer(Scorer):
     """``score = −BPD(x) = −NLL(x) / (C·H·W·ln 2)`` under a gated PixelCNN trained on the training **inputs**.
 
     Model-agnostic: it never looks at the classifier. Inputs must lie in [0, 1] (they are quantised to 256
@@ -81,8 +81,6 @@ class PixelCNNScorer:
     baseline in the featurefail paper (PixelCNN++ there).
     """
 
-    name = "pixelcnn"
-    requires_labels = False
     requires_inputs = True
 
     def __init__(
@@ -155,18 +153,6 @@ class PixelCNNScorer:
             for chunk in torch.split(x.clamp(0, 1), 256):
                 out.append(-self.model_.nll(chunk.to(dev)).double().cpu() / (dims * math.log(2.0)))
         return torch.cat(out).float()
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "hidden": self.hidden,
-            "blocks": self.blocks,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "device": self.device,
-            "max_train": self.max_train,
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return network_state(self.model_, {"shape": torch.tensor(self.shape_)})

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..exceptions import NotFittedError
 from ..features import Features
 from .base import check_features, register_scorer
+from .logit_scorer import LogitScorer
 
 __all__ = ["TemperatureScaling", "fit_temperature"]
 
@@ -41,7 +43,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
 
 @register_scorer("temperature")
-class TemperatureScaling:
+class TemperatureScaling(LogitScorer):
     """``score = max_c softmax(z / T)_c`` with ``T`` fitted on labelled **validation** logits.
 
     ``T`` is found by L-BFGS on ``log T`` (so ``T > 0``) minimising the validation negative log-likelihood.
@@ -54,39 +56,37 @@ class TemperatureScaling:
         temperature_: the fitted ``T``.
     """
 
-    name = "temperature"
-    requires_labels = False
-    requires_validation_labels = True
-
-    def __init__(self, max_iter: int = 100) -> None:
+    def __init__(self, max_iter: Annotated[int, Field(ge=1)] = 100) -> None:
         self.max_iter = max_iter
 
-    def fit(self, features: Features) -> TemperatureScaling:
-        check_features(features, logits=True, who="TemperatureScaling")
-        return self
-
     def fit_validation(self, features: Features) -> TemperatureScaling:
-        """Fit ``T`` on labelled validation features (logits and labels)."""
+        """Fit ``T`` on labelled validation features (logits and labels; labels < 0 are ignored)."""
         check_features(features, logits=True, labels=True, who="TemperatureScaling")
-        self.temperature_ = fit_temperature(features.logits, features.labels, self.max_iter)
+        known = features.labels >= 0
+        self.temperature_ = fit_temperature(features.logits[known], features.labels[known], self.max_iter)
         return self
 
-    def score(self, features: Features) -> torch.Tensor:
+    def is_fitted(self) -> bool:
+        return hasattr(self, "temperature_")
+
+    def evidence(self, logits: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "temperature_"):
             raise NotFittedError(
                 "TemperatureScaling needs validation data: call detector.calibrate(val_loader) "
                 "or scorer.fit_validation(features)"
             )
-        check_features(features, logits=True, who="TemperatureScaling")
-        return torch.softmax(features.logits.double() / self.temperature_, dim=1).max(dim=1).values.float()
-
-    def get_config(self) -> dict[str, Any]:
-        return {"max_iter": self.max_iter}
+        return torch.softmax(logits.double() / self.temperature_, dim=1).max(dim=1).values.float()
 
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": float(self.temperature_)} if hasattr(self, "temperature_") else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> TemperatureScaling:
+        extra = set(state) - {"temperature"}
+        if extra:
+            raise ValueError(f"TemperatureScaling state has unexpected keys {sorted(extra)}")
         if "temperature" in state:
-            self.temperature_ = float(state["temperature"])
+            temperature = float(state["temperature"])
+            if not (temperature > 0 and temperature < float("inf")):
+                raise ValueError(f"the temperature must be a positive finite number, got {temperature}")
+            self.temperature_ = temperature
         return self

@@ -11,7 +11,7 @@ from torch import nn
 from ..exceptions import NotFittedError
 from ..features import Features
 from ._training import Standardizer, load_network, network_state, resolve_device, train_density
-from .base import check_features, register_scorer
+from .base import Scorer, check_features, register_scorer
 
 __all__ = ["VAEScorer"]
 
@@ -39,7 +39,7 @@ class _FeatureVAE(nn.Module):
 
 
 @register_scorer("vae")
-class VAEScorer:
+class VAEScorer(Scorer):
     """``score = log p(F)`` estimated by the importance-weighted bound ``log (1/S) Σ_s p(F, z_s) / q(z_s | F)``.
 
     A Gaussian-decoder VAE (one hidden layer of 512 ReLU units, 128-d latent, Adam 1e-3, as in the paper's
@@ -49,9 +49,6 @@ class VAEScorer:
     Papers: Kingma & Welling, "Auto-encoding variational Bayes", 2014; Burda, Grosse & Salakhutdinov,
     "Importance weighted autoencoders", 2016.
     """
-
-    name = "vae"
-    requires_labels = False
 
     def __init__(
         self,
@@ -100,18 +97,6 @@ class VAEScorer:
                 w = self.model_.log_weights(chunk.to(dev), self.importance_samples)
                 out.append((torch.logsumexp(w, 0) - math.log(self.importance_samples)).double().cpu())
         return (torch.cat(out) + self.standardizer_.log_det).float()
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "hidden": self.hidden,
-            "latent": self.latent,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "importance_samples": self.importance_samples,
-            "seed": self.seed,
-            "device": self.device,
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return network_state(self.model_, self.standardizer_.state())

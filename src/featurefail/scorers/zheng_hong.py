@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from ..features import Features
 from ..gmm import DiagonalGMM
 from ..threshold import cross_validate_threshold
-from .base import check_features, register_scorer
+from .base import Scorer, check_features, register_scorer
 
 __all__ = ["ZhengHong"]
 
 
 @register_scorer("zheng_hong")
-class ZhengHong:
+class ZhengHong(Scorer):
     """``score = log p(h | ĉ)`` where ``ĉ = argmax logits`` and ``p(· | c)`` is a diagonal GMM fitted on the
     training features of class ``c`` (labels needed).
 
@@ -24,31 +25,46 @@ class ZhengHong:
 
     Args:
         n_components: components per class (capped at half the class's sample count).
-        **gmm_kwargs: passed to each :class:`~featurefail.DiagonalGMM`.
+        random_state, max_iter, reg_covar, device: those of each :class:`~featurefail.DiagonalGMM`.
 
     Attributes:
         class_gmms_: one fitted mixture per class, in class order.
         classes_: ``(C,)`` the class labels.
     """
 
-    name = "zheng_hong"
     requires_labels = True
+    requires_logits = True
 
-    def __init__(self, n_components: int = 5, random_state: int | None = 0, **gmm_kwargs: Any) -> None:
-        if n_components < 1:
-            raise ValueError("n_components must be >= 1")
+    def __init__(
+        self,
+        n_components: Annotated[int, Field(ge=1)] = 5,
+        random_state: int | None = 0,
+        max_iter: Annotated[int, Field(ge=1)] = 100,
+        reg_covar: Annotated[float, Field(gt=0.0)] = 1e-6,
+        device: str | None = None,
+    ) -> None:
         self.n_components = n_components
         self.random_state = random_state
-        self.gmm_kwargs = gmm_kwargs
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
+        self.device = device
+
+    def new_mixture(self, k: int) -> DiagonalGMM:
+        """An unfitted class mixture with ``k`` components and this scorer's settings."""
+        return DiagonalGMM(
+            k, random_state=self.random_state, max_iter=self.max_iter, reg_covar=self.reg_covar, device=self.device
+        )
 
     def fit(self, features: Features) -> ZhengHong:
         check_features(features, labels=True, logits=True, who="ZhengHong")
+        known = features.labels >= 0
+        features = features.subset(known)
         self.classes_ = torch.unique(features.labels)
         self.class_gmms_ = []
         for c in self.classes_.tolist():
             rows = features.feats[features.labels == c]
             k = max(1, min(self.n_components, rows.shape[0] // 2))
-            self.class_gmms_.append(DiagonalGMM(k, random_state=self.random_state, **self.gmm_kwargs).fit(rows))
+            self.class_gmms_.append(self.new_mixture(k).fit(rows))
         return self
 
     def class_log_likelihoods(self, feats: torch.Tensor) -> torch.Tensor:
@@ -84,11 +100,6 @@ class ZhengHong:
                 out[c] = pooled
         return out
 
-    def get_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"n_components": self.n_components, "random_state": self.random_state}
-        config.update({k: v for k, v in self.gmm_kwargs.items() if isinstance(v, int | float | str | bool | None)})
-        return config
-
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"classes": self.classes_.clone(), "n_classes": len(self.class_gmms_)}
         for i, g in enumerate(self.class_gmms_):
@@ -101,5 +112,5 @@ class ZhengHong:
         self.class_gmms_ = []
         for i in range(int(state["n_classes"])):
             sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"class{i}.")}
-            self.class_gmms_.append(DiagonalGMM(int(sub["n_components"]), **self.gmm_kwargs).load_state_dict(sub))
+            self.class_gmms_.append(self.new_mixture(int(sub["n_components"])).load_state_dict(sub))
         return self
