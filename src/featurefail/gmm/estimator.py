@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
 
 from .._tensor import as_2d_tensor, full_precision_matmul, progress
@@ -48,12 +49,33 @@ __all__ = ["DiagonalGMM"]
 
 logger = logging.getLogger(__name__)
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_PARAM_NAMES = (
+    "n_components",
+    "max_iter",
+    "tol",
+    "reg_covar",
+    "init",
+    "n_init",
+    "random_state",
+    "device",
+    "chunk_size",
+    "weights_init",
+    "means_init",
+    "variances_init",
+    "dtype",
+    "precision_fallback",
+    "verbose",
+)
 
-class DiagonalGMM:
+
+class DiagonalGMM(DensityMixin, BaseEstimator):
     """Gaussian mixture with diagonal covariances, fitted by EM on torch tensors (CPU or GPU).
 
-    A scikit-learn-style estimator: hyper-parameters are stored as given, ``fit`` returns ``self`` and the
-    fitted state ends with an underscore. The density is ``p(x) = Σ_k π_k N(x; μ_k, diag(σ²_k))``.
+    A scikit-learn estimator (``get_params``/``set_params``, ``clone``, usable as the last step of a
+    ``Pipeline``): hyper-parameters are stored as given (``dtype`` as the ``torch.dtype``), ``fit`` returns
+    ``self`` and the fitted state ends with an underscore. The density is ``p(x) = Σ_k π_k N(x; μ_k, diag(σ²_k))``.
 
     Args:
         n_components: number of mixture components ``K``.
@@ -73,8 +95,9 @@ class DiagonalGMM:
         means_init: ``(K, D)`` starting means.
         variances_init: ``(K, D)`` starting variances. When all three are given EM starts exactly there;
             any that are missing come from a hard assignment of the rows to the starting means.
-        dtype: dtype of the matrix products (``torch.float32`` default; ``torch.float64`` for a reference or
-            on GPUs where float64 is fast). Statistics are accumulated in float64 either way.
+        dtype: dtype of the matrix products, ``torch.float32`` (default) or ``torch.float64`` (for a reference
+            or on GPUs where float64 is fast), or their names ``"float32"``/``"float64"``; stored as the
+            ``torch.dtype`` (``get_params()`` gives the name). Statistics are accumulated in float64 either way.
         precision_fallback: in float32, when the lower bound falls by more than rounding (which exact EM
             never does; it happens when dimensions collapse onto the variance floor), run the remaining
             iterations in float64. ``float64_from_iter_`` records when. With False, such a fall is a warning.
@@ -109,7 +132,7 @@ class DiagonalGMM:
         weights_init: Any = None,
         means_init: Any = None,
         variances_init: Any = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         precision_fallback: bool = True,
         verbose: bool = False,
     ) -> None:
@@ -128,12 +151,17 @@ class DiagonalGMM:
         self.dtype = dtype
         self.precision_fallback = precision_fallback
         self.verbose = verbose
-        self._validate_params()
-        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._check_settings()
+        self._cache: dict[str, torch.Tensor] | None = None
 
     # ---- parameters -------------------------------------------------------------------------------------------
 
-    def _validate_params(self) -> None:
+    def _check_settings(self) -> None:
+        if isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise ValueError(f"dtype must be 'float32' or 'float64' (or the torch dtype), got {self.dtype!r}")
+            self.dtype = _DTYPES[self.dtype]
+
         def positive_int(name: str, value: Any, minimum: int = 1) -> None:
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -154,7 +182,7 @@ class DiagonalGMM:
         ):
             raise ValueError(f"random_state must be an int or None, got {self.random_state!r}")
         if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (or its name), got {self.dtype!r}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -180,23 +208,52 @@ class DiagonalGMM:
             if bool((v <= 0).any()):
                 raise ValueError("variances_init must be positive")
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor's arguments, as given."""
-        names = (
-            "n_components max_iter tol reg_covar init n_init random_state device chunk_size "
-            "weights_init means_init variances_init dtype precision_fallback verbose"
-        ).split()
-        return {name: getattr(self, name) for name in names}
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments, JSON-serialisable where they are settings.
+
+        ``dtype`` is given as its name (``"float32"``/``"float64"``) and ``device`` as a string (or None); the
+        other values are returned as given (explicit starting parameters stay arrays or tensors). ``deep`` is
+        accepted for scikit-learn compatibility (there are no sub-estimators).
+        """
+        params = {name: getattr(self, name) for name in _PARAM_NAMES}
+        params["dtype"] = _DTYPE_NAMES[self.dtype]
+        if isinstance(self.device, torch.device):
+            params["device"] = str(self.device)
+        return params
+
+    def set_params(self, **params: Any) -> DiagonalGMM:
+        """Change settings in place (validated as in the constructor) and return self.
+
+        Raises:
+            ValueError: naming an unknown setting, or a value the constructor would refuse (nothing is changed).
+        """
+        unknown = sorted(set(params) - set(_PARAM_NAMES))
+        if unknown:
+            raise ValueError(
+                f"DiagonalGMM has no setting {', '.join(map(repr, unknown))}; valid settings: {', '.join(_PARAM_NAMES)}"
+            )
+        old = {name: getattr(self, name) for name in params}
+        for name, value in params.items():
+            setattr(self, name, value)
+        try:
+            self._check_settings()
+        except ValueError:
+            for name, value in old.items():
+                setattr(self, name, value)
+            raise
+        self._cache = None
+        return self
 
     # ---- fitting ----------------------------------------------------------------------------------------------
 
-    def fit(self, X: Any) -> DiagonalGMM:
+    def fit(self, X: Any, y: Any = None) -> DiagonalGMM:
         """Fit the mixture by EM.
 
         Args:
             X: ``(N, D)`` tensor or NumPy array, or a re-iterable of such chunks (streamed once per EM
                 iteration, for data larger than memory). Under ``torch.distributed`` each rank passes its own
                 rows and all ranks end with one model fitted on their union.
+            y: ignored (there so the mixture can end a scikit-learn ``Pipeline``).
 
         Returns:
             self.
@@ -355,11 +412,17 @@ class DiagonalGMM:
     # ---- inference --------------------------------------------------------------------------------------------
 
     def check_fitted(self) -> None:
+        """Raise :class:`~featurefail.NotFittedError` unless ``fit`` or ``load_state_dict`` has run."""
         if not hasattr(self, "weights_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
 
     def scoring_parameters(self) -> dict[str, torch.Tensor]:
-        """Tensors of :func:`rescored_log_prob` for the fitted state (cached until the state changes)."""
+        """Keyword tensors of :func:`~featurefail.gmm.rescored_log_prob` for the fitted state.
+
+        ``coef (K, 2D)`` and ``bias (K,)`` in ``dtype``, and float64 ``center (D,)``, ``means64 (K, D)`` (centred),
+        ``precisions64 (K, D)``, ``exact_bias64 (K,)``. Cached until the state or ``dtype`` changes; treat the
+        tensors as read-only.
+        """
         cache = self._cache
         if cache is None:
             centred_means = self.means_ - self.center_
@@ -411,8 +474,8 @@ class DiagonalGMM:
             out = torch.where(finite, out, torch.full_like(out, -math.inf))
             return out.to(x.dtype if x.dtype == torch.float64 else self.dtype)
 
-    def score(self, X: Any) -> float:
-        """Mean log-likelihood per sample (``-inf`` if any row is non-finite)."""
+    def score(self, X: Any, y: Any = None) -> float:
+        """Mean log-likelihood per sample (``-inf`` if any row is non-finite); ``y`` is ignored."""
         return float(self.score_samples(X).double().mean().item())
 
     def bpd(self, X: Any) -> torch.Tensor:
