@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from featurefail import DetectorConfig, FailureDetector, Features, NotFittedError, detect, score
+from featurefail import FailureDetector, Features, NotFittedError, detect, score
 
 
 def loader(x, y=None, bs=128):
@@ -105,7 +105,7 @@ def test_save_load_round_trip_is_exact(fitted, tmp_path):
     det.save(path)
     back = FailureDetector.load(path, model=model)
     assert back.config == det.config and back.threshold_ == det.threshold_
-    assert back.calibration_ == det.calibration_
+    assert back.calibration_.as_dict() == det.calibration_.as_dict()
     assert torch.equal(back.score(s["test"][0]), det.score(s["test"][0]))
     assert torch.equal(back.head_weight_, det.head_weight_)
     for name in ("weights_", "means_", "covariances_", "center_"):
@@ -187,3 +187,27 @@ def test_paper_preset_is_the_raw_penultimate_gmm():
     assert det.config.scorer == "gmm" and det.config.layer is None and det.config.scorer_options["preprocess"] is None
     assert det.config.scorer_options["n_components"] == 7 and det.config.seed == 3
     assert det.config.scorer_options["random_state"] == 3 and det.config.per_layer is False
+
+
+def test_calibrate_with_guarantees_and_they_survive_save_load(fitted, tmp_path):
+    """calibrate(strategy="fpr") is the conformal order statistic of the validation scores (no labels needed);
+    strategy="risk" bounds the selective risk; the guarantee is saved, loaded and exposed by as_module()."""
+    from featurefail.threshold import conformal_threshold
+
+    det, model, s = fitted
+    x_val, y_val = s["val"]
+    unlabelled = FailureDetector.paper(n_components=6, progress=False).fit(model, loader(*s["train"]))
+    unlabelled.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    expected = conformal_threshold(unlabelled.score(x_val), 0.1)
+    assert unlabelled.threshold_ == expected.threshold and unlabelled.calibration_.alpha == 0.1
+    assert unlabelled.detect(x_val).float().mean() <= 0.1
+    assert "0.1" in unlabelled.calibration_.guarantee or "10" in unlabelled.calibration_.guarantee
+    det.calibrate(loader(x_val, y_val), strategy="risk", target_risk=0.5, delta=0.1)
+    assert det.calibration_.strategy == "risk" and det.calibration_.bound <= 0.5
+    det.save(tmp_path / "g.safetensors")
+    back = FailureDetector.load(tmp_path / "g.safetensors", model=model)
+    assert back.calibration_.as_dict() == det.calibration_.as_dict() and back.threshold_ == det.threshold_
+    assert back.as_module().calibration.as_dict() == det.calibration_.as_dict()
+    with pytest.raises(ValueError, match="alpha"):
+        det.calibrate(loader(x_val, y_val), strategy="fpr")
+    assert det.calibration_.strategy == "risk"  # a failed calibration left the detector as it was

@@ -22,7 +22,7 @@ from .features import Features, extract_features
 from .hooks import FeatureHook
 from .scorers.base import ModelContext, Scorer, available_scorers, build_scorer, scorer_class
 from .scorers.per_layer import PerLayer
-from .threshold import ThresholdResult, cross_validate_threshold, parse_strategy
+from .threshold import ThresholdResult, calibrate_threshold, parse_strategy
 
 __all__ = [
     "DEFAULT_DETECTOR",
@@ -383,30 +383,59 @@ class FailureDetector:
         return self
 
     def calibrate(
-        self, val_loader: Any, strategy: str = "f1", folds: int = 5, *, batch_fn: Callable | None = None
+        self,
+        val_loader: Any,
+        strategy: str = "f1",
+        folds: int = 5,
+        *,
+        alpha: float | None = None,
+        delta: float | None = None,
+        target_risk: float | None = None,
+        batch_fn: Callable | None = None,
     ) -> FailureDetector:
-        """Choose ``threshold_`` by k-fold cross-validation on labelled validation data (all or nothing).
+        """Choose ``threshold_`` on held-out in-distribution validation data (all or nothing).
 
-        Positives are the model's mistakes (``argmax logits != y``); rows labelled ``< 0`` (unlabelled) are left
-        out. Scorers that learn from labelled validation data (``fit_validation``, e.g. temperature scaling) learn
-        here first, on a copy that replaces the fitted scorer only when calibration succeeds.
+        Scorers that learn from labelled validation data (``fit_validation``, e.g. temperature scaling) learn here
+        first, on a copy that replaces the fitted scorer only when calibration succeeds. Rows labelled ``< 0``
+        (unlabelled) never count as mistakes.
 
-        Args:
-            val_loader: validation batches with labels (or precomputed :class:`Features`).
-            strategy: ``"f1"``, ``"recall@0.95"`` (flag at least 95% of mistakes) or ``"fpr@0.05"`` (flag at
-                most 5% of correct samples), any target in (0, 1].
-            folds: number of folds.
+        Strategies (see :func:`~featurefail.threshold.calibrate_threshold`):
+
+        * ``"fpr"`` with ``alpha`` — **guaranteed false-alarm rate** (conformal): for a new input exchangeable with
+          the validation inputs, ``P(flagged) <= alpha``; with ``delta``, that holds with probability ``>= 1 - delta``
+          over the validation draw (PAC). Needs no labels: every validation row counts.
+        * ``"risk"`` with ``target_risk`` (and ``delta``, default 0.05) — **guaranteed selective risk**: with
+          probability ``>= 1 - delta`` the error rate among accepted (not flagged) inputs is ``<= target_risk``
+          (Geifman & El-Yaniv 2017); the most permissive such threshold. Needs labels.
+        * ``"f1"``, ``"recall@0.95"``, ``"fpr@0.05"`` — k-fold cross-validated point estimates (no guarantee).
 
         Returns:
-            self, with ``threshold_`` and ``calibration_`` (cross-validated precision and recall).
+            self, with ``threshold_`` and ``calibration_`` (a :class:`~featurefail.threshold.ThresholdResult` that
+            states its guarantee in ``guarantee``, ``alpha``, ``delta``, ``bound``, ``coverage``).
         """
         fitted = self._state()
         parse_strategy(strategy)
         feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
-        scorer, feats = self._validated(fitted, feats)
+        if strategy == "fpr" and feats.labels is None:
+            scorer, wrong = fitted.scorer, None
+        else:
+            labelled = feats
+            scorer, labelled = self._validated(fitted, feats)
+            if strategy != "fpr":
+                feats, wrong = labelled, ~labelled.correct
+            else:
+                wrong = None
         scores = self._score_with(scorer, feats, fitted.n_features)
-        seed = self.config.seed or 0
-        result = cross_validate_threshold(scores, ~feats.correct, strategy=strategy, folds=folds, seed=seed)
+        result = calibrate_threshold(
+            scores,
+            wrong,
+            strategy,
+            alpha=alpha,
+            delta=delta,
+            target_risk=target_risk,
+            folds=folds,
+            seed=self.config.seed or 0,
+        )
         self._install_scorer(fitted, scorer, result)
         return self
 
@@ -475,7 +504,9 @@ class FailureDetector:
         t = self._threshold(threshold)
         pool = None if self.config.pool == "none" else self.config.pool
         extractor = feature_extractor(model, self.layers_)
-        return DetectorModule(extractor, fitted.scorer.as_module(), t, pool=pool, output_fn=self.output_fn).eval()
+        module = DetectorModule(extractor, fitted.scorer.as_module(), t, pool=pool, output_fn=self.output_fn)
+        module.calibration = self.calibration_ if threshold is None else None  # the threshold's guarantee, if any
+        return module.eval()
 
     def purify(self, x_or_features: Any, lr: float = 0.1, nu: float = 0.01, steps: int = 100, **kwargs: Any):
         """:func:`featurefail.purify` with this detector (GMM scorer; head = the hooked classifier head)."""

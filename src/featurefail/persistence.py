@@ -7,7 +7,6 @@ nothing (no pickle) and validates every field: a hostile or damaged file gets a 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -170,20 +169,4 @@ def _threshold(value: Any) -> float | None:
 
 
 def _calibration(value: Any) -> ThresholdResult | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ValueError("calibration must be a JSON object or null")
-    fields = {f.name for f in dataclasses.fields(ThresholdResult)}
-    unknown = sorted(set(value) - fields)
-    if unknown:
-        raise ValueError(f"calibration has unknown keys {unknown[:5]}")
-    for key, item in value.items():
-        if isinstance(item, list):
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in item):
-                raise ValueError(f"calibration {key!r} must hold numbers")
-        elif item is not None and not isinstance(item, int | float | str):
-            raise ValueError(f"calibration {key!r} has a value of type {type(item).__name__}")
-    if "threshold" in value:
-        _threshold(value["threshold"])
-    return ThresholdResult(**value)
+    return None if value is None else ThresholdResult.from_dict(value)

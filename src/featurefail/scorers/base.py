@@ -13,16 +13,17 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, validate_call
+from pydantic import BeforeValidator, ConfigDict, validate_call
 from torch import nn
 
 from ..exceptions import NotFittedError
 from ..features import Features
 
 __all__ = [
+    "DTypeName",
     "ModelContext",
     "Scorer",
     "available_scorers",
@@ -35,6 +36,14 @@ __all__ = [
 ]
 
 _VALIDATION = ConfigDict(arbitrary_types_allowed=True)
+
+
+def _dtype_name(value: Any) -> Any:
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+
+
+#: A floating dtype setting, stored by name (``torch.float64`` is accepted and stored as ``"float64"``).
+DTypeName = Annotated[Literal["float32", "float64"], BeforeValidator(_dtype_name)]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from torch import nn
 from ..features import Features
 from ..gmm import DiagonalGMM
 from ..preprocess import make_transform
-from .base import Scorer, check_features, register_scorer
+from .base import DTypeName, Scorer, check_features, register_scorer
 from .modules import GMMScoreModule, TransformedScoreModule
 
 __all__ = ["GMMScorer"]
@@ -55,7 +55,7 @@ class GMMScorer(Scorer):
         chunk_size: Annotated[int, Field(ge=1)] | None = None,
         random_state: int | None = 0,
         device: str | None = None,
-        dtype: Literal["float32", "float64"] = "float32",
+        dtype: DTypeName = "float32",
     ) -> None:
         make_transform(preprocess)  # validates the spec now
         self.n_components = n_components

@@ -1,0 +1,89 @@
+"""Settings belong to their scorer: validated, never dropped, explicit in the config, saved and loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from featurefail import DetectorConfig, FailureDetector, Features
+from featurefail.detector import DEFAULT_DETECTOR
+from featurefail.scorers import GMMScorer, PerLayer, available_scorers, build_scorer
+
+
+def blobs(n: int = 400, d: int = 6, seed: int = 0) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g) + 4 * (torch.arange(n) % 3)[:, None]
+    labels = torch.arange(n) % 3
+    logits = torch.nn.functional.one_hot(labels, 3).float() * 3 + torch.randn(n, 3, generator=g)
+    return Features(feats, logits, labels)
+
+
+def test_every_registered_scorer_reports_json_settings_that_rebuild_it():
+    for name in available_scorers():
+        if name.startswith(("test_", "spy", "leaky")):
+            continue
+        params = build_scorer(name).get_params()
+        json.dumps(params)  # serialisable, dtype included
+        assert build_scorer(name, params).get_params() == params, name
+
+
+def test_keyword_settings_reach_the_scorer_they_belong_to():
+    feats = blobs()
+    fused = FailureDetector(scorer="fused", n_components=7, progress=False).fit_features(feats)
+    assert fused.config.scorer_options["n_components"] == 7
+    assert fused.scorer_.gmm_scorer_.gmm_.n_components == 7
+    zh = FailureDetector(scorer="zheng_hong", n_components=2, progress=False).fit_features(feats)
+    assert {g.n_components for g in zh.scorer_.class_gmms_} == {2}
+
+
+def test_unknown_or_invalid_settings_are_errors_naming_the_setting_and_the_scorer():
+    with pytest.raises(ValueError, match="scorer 'max_softmax' has no setting 'n_components'"):
+        FailureDetector(scorer="max_softmax", n_components=3)
+    with pytest.raises(ValueError, match="scorer 'mahalanobis' has no setting 'preprocess'"):
+        FailureDetector(scorer="mahalanobis", scorer_options={"preprocess": "l2"})
+    with pytest.raises(ValueError, match="n_components"):
+        FailureDetector(scorer="gmm", n_components=0)
+    with pytest.raises(ValueError, match="preprocess"):
+        GMMScorer(preprocess="whiten-it-all")
+    config = FailureDetector(scorer="gmm").config
+    with pytest.raises(ValueError, match="scorer 'max_softmax' has no setting"):
+        config.scorer = "max_softmax"  # the gmm settings do not fit max_softmax: no silent drop
+    with pytest.raises(ValueError, match="given beside a scorer instance"):
+        FailureDetector(scorer=GMMScorer(), n_components=3)
+
+
+def test_a_scorer_instance_reports_its_own_settings_and_they_are_saved(tmp_path):
+    det = FailureDetector(scorer=GMMScorer(n_components=5, max_iter=20), progress=False)
+    assert det.config.scorer_options["n_components"] == 5 and det.config.scorer_options["preprocess"] is None
+    assert det.config.per_layer is False and det.config.layer is None
+    det.fit_features(blobs())
+    det.save(tmp_path / "d.safetensors")
+    back = FailureDetector.load(tmp_path / "d.safetensors")
+    assert back.config == det.config and back.scorer_.gmm_.n_components == 5
+    wrapped = FailureDetector(scorer=PerLayer(GMMScorer(n_components=2)), progress=False)
+    assert wrapped.config.per_layer is True and wrapped.config.scorer_options["n_components"] == 2
+
+
+def test_dtype_is_a_string_setting_that_round_trips(tmp_path):
+    det = FailureDetector(scorer="gmm", n_components=3, dtype=torch.float64, progress=False)
+    assert det.config.scorer_options["dtype"] == "float64"
+    det.fit_features(blobs())
+    assert det.scorer_.gmm_.dtype == torch.float64
+    det.save(tmp_path / "d.safetensors")
+    back = FailureDetector.load(tmp_path / "d.safetensors")
+    assert back.config.scorer_options["dtype"] == "float64"
+    x = blobs(seed=1)
+    assert torch.equal(back.score_features(x), det.score_features(x))
+
+
+def test_defaults_are_explicit_values_in_one_place():
+    config = FailureDetector().config
+    assert config.scorer == DEFAULT_DETECTOR["scorer"] and config.layer == DEFAULT_DETECTOR["layer"]
+    assert config.per_layer is DEFAULT_DETECTOR["per_layer"]
+    assert config.scorer_options == GMMScorer(**DEFAULT_DETECTOR["scorer_options"], random_state=0).get_params()
+    assert FailureDetector(seed=4).config.scorer_options["random_state"] == 4
+    assert FailureDetector(scorer="gmm").config == DetectorConfig(
+        scorer="gmm", scorer_options=GMMScorer().get_params()
+    )
