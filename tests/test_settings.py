@@ -87,3 +87,17 @@ def test_defaults_are_explicit_values_in_one_place():
     assert FailureDetector(scorer="gmm").config == DetectorConfig(
         scorer="gmm", scorer_options=GMMScorer().get_params()
     )
+
+
+def test_architecture_page_example_runs_and_is_the_one_shown():
+    """docs/architecture.md shows examples/custom_scorer.py's scorer; running the example checks it plugs into
+    FailureDetector, save/load and as_module()."""
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = (root / "examples" / "custom_scorer.py").read_text()
+    page = (root / "docs" / "architecture.md").read_text()
+    shown = example[example.index("from typing import Annotated") : example.index('\n\nif __name__ == "__main__":')]
+    assert shown in page
+    runpy.run_path(str(root / "examples" / "custom_scorer.py"), run_name="__main__")
