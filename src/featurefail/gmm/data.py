@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .._tensor import as_2d_tensor, count_nonfinite_rows
-from .distributed import all_reduce_, distributed_info
-from .kernels import augmented_features
+from .distributed import all_gather_rows, all_reduce_, distributed_info, row_offset
+from .kernels import augmented_features, column_scale
 
 __all__ = ["FitData", "auto_chunk_size"]
 
@@ -24,11 +24,17 @@ class FitData:
     """Training rows as centred ``[x, x²]`` chunks on the compute device, from a tensor or a re-iterable.
 
     One pass at construction counts rows, validates them and computes the (all-reduced) mean and variance.
+    EM works in the coordinates ``(x − mean) / scale`` (``scale``: per-column powers of two, see
+    :func:`~featurefail.gmm.kernels.column_scale`); ``variance`` is given in those coordinates.
     """
 
     def __init__(self, X: Any, device: torch.device | None, dtype: torch.dtype, chunk_size: int | None, k: int):
         if isinstance(X, torch.Tensor | np.ndarray):
-            tensor = as_2d_tensor(X)
+            if distributed_info()[0] and X.ndim == 2 and X.shape[0] == 0:  # an empty shard: the others hold rows
+                X = torch.as_tensor(X)
+                tensor = X if X.is_floating_point() else X.to(torch.float32)
+            else:
+                tensor = as_2d_tensor(X)
             self.device = torch.device(device) if device is not None else tensor.device
             self._tensor: torch.Tensor | None = tensor
             self._source: Iterable | None = None
@@ -61,6 +67,8 @@ class FitData:
                 total_sq += (finite * finite).sum(0)
                 n += c64.shape[0]
         assert d is not None and total is not None and total_sq is not None
+        if d == 0:
+            raise ValueError("X has 0 features (shape (n, 0)); a mixture needs at least one column")
         self.n_local = n
         self.n_features = d
         stats = torch.cat([torch.tensor([n, bad], dtype=torch.float64, device=self.device), total, total_sq])
@@ -80,7 +88,12 @@ class FitData:
                 "lower n_components or give more rows"
             )
         self.mean = stats[2 : 2 + d] / self.n_total
-        self.variance = (stats[2 + d :] / self.n_total - self.mean**2).clamp_min(0.0)
+        variance = (stats[2 + d :] / self.n_total - self.mean**2).clamp_min(0.0)
+        # columns are presented divided by a power of two near their spread: exact in binary floating point, and
+        # x², 1/σ² stay inside the dtype's range for features at any scale (variances of 1e-38 in float32)
+        self.scale = column_scale(variance)
+        self.log_scale_sum = float(torch.log(self.scale).sum().item())
+        self.variance = variance / self.scale**2
         self._fixed_chunk = chunk_size
         self._k = k
         self._prepared: torch.Tensor | None = None
@@ -90,10 +103,16 @@ class FitData:
         """Present the data in ``dtype`` from now on (re-centring an in-memory copy)."""
         self.dtype = dtype
         self._center = self.mean.to(dtype)
+        self._inv_scale = None if bool((self.scale == 1.0).all()) else (1.0 / self.scale).to(dtype)
         self.chunk_size = self._fixed_chunk or auto_chunk_size(self._k, self.n_features, self.device, dtype)
         self._prepared = None
         if self._tensor is not None:
-            self._prepared = augmented_features(self._tensor.to(self.device, dtype) - self._center)
+            self._prepared = augmented_features(self.present(self._tensor.to(self.device, dtype)))
+
+    def present(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw rows ``(n, D)`` in ``dtype`` as EM sees them: centred and divided by :attr:`scale`."""
+        x = x - self._center
+        return x if self._inv_scale is None else x * self._inv_scale
 
     def _raw_chunks(self, validate_shape: bool = False) -> Iterator[torch.Tensor]:
         if self._tensor is not None:
@@ -118,13 +137,28 @@ class FitData:
             return
         for raw in self._raw_chunks():
             for piece in torch.split(raw, self.chunk_size):
-                yield augmented_features(piece.to(self.device, self.dtype) - self._center)
+                yield augmented_features(self.present(piece.to(self.device, self.dtype)))
 
     def subsample(self, m: int, generator: torch.Generator) -> torch.Tensor:
-        """``m`` distinct local rows drawn uniformly, centred, ``(m, D)`` on the compute device."""
-        m = min(m, self.n_local)
-        idx = torch.randperm(self.n_local, generator=generator)[:m].sort().values
+        """``m`` distinct rows drawn uniformly from the union of all ranks' rows, centred, ``(m, D)`` on the
+        compute device, in the order of the union (every rank gets the same rows).
+
+        Collective under ``torch.distributed``: the same global indices are drawn on every rank (same
+        generator), each rank contributes its rows among them, and the rows are gathered in rank order, so one
+        process holding the concatenated shards draws the same sample.
+        """
+        m = min(m, self.n_total)
+        drawn = torch.randperm(self.n_total, generator=generator)[:m].sort().values
+        offset = row_offset(self.n_local)
+        local = drawn[(drawn >= offset) & (drawn < offset + self.n_local)] - offset
+        return all_gather_rows(self._local_rows(local))
+
+    def _local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Local rows ``idx`` (sorted), centred, ``(len(idx), D)`` on the compute device."""
+        m = idx.shape[0]
         d = self.n_features
+        if m == 0:
+            return torch.zeros(0, d, dtype=self.dtype, device=self.device)
         if self._prepared is not None:
             return self._prepared[idx.to(self.device), :d]
         parts, offset, pos = [], 0, 0
@@ -135,7 +169,7 @@ class FitData:
                 stop += 1
             if stop > pos:
                 rows = raw[(idx[pos:stop] - offset).to(raw.device)]
-                parts.append(rows.to(self.device, self.dtype) - self._center)
+                parts.append(self.present(rows.to(self.device, self.dtype)))
             pos, offset = stop, hi
         return torch.cat(parts)
 

@@ -1,46 +1,32 @@
-"""``torch.distributed`` helpers: every rank passes its own rows; statistics are summed over ranks.
+"""``torch.distributed`` helpers of EM: every rank passes its own rows; statistics are summed over ranks.
 
-Outside an initialised process group (or with one rank) every helper is a no-op.
+Thin names over :mod:`featurefail.distributed` (the one place of the collectives). Outside an initialised
+process group (or with one rank) every helper is a no-op.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["all_reduce_", "broadcast_", "distributed_info"]
+from ..distributed import all_gather_rows, all_reduce_sum, broadcast, distributed_info
 
-
-def distributed_info() -> tuple[bool, int, int]:
-    """``(active, rank, world_size)``; ``active`` is False outside a process group of two or more ranks."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        return world > 1, torch.distributed.get_rank(), world
-    return False, 0, 1
+__all__ = ["all_gather_rows", "all_reduce_", "broadcast_", "distributed_info", "row_offset"]
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place (a no-op outside ``torch.distributed``)."""
-    active, _, _ = distributed_info()
-    if not active:
-        return t
-    if torch.distributed.get_backend() == "gloo" and t.is_cuda:
-        host = t.cpu()
-        torch.distributed.all_reduce(host)
-        t.copy_(host)
-    else:
-        torch.distributed.all_reduce(t)
-    return t
+    return all_reduce_sum(t)
 
 
 def broadcast_(t: torch.Tensor) -> torch.Tensor:
     """Overwrite ``t`` with rank 0's value on every rank."""
-    active, _, _ = distributed_info()
+    return broadcast(t, 0)
+
+
+def row_offset(n_local: int) -> int:
+    """Index of this rank's first row in the union of the shards (rows in rank order): ranks below it hold that many."""
+    active, rank, _ = distributed_info()
     if not active:
-        return t
-    if torch.distributed.get_backend() == "gloo" and t.is_cuda:
-        host = t.cpu()
-        torch.distributed.broadcast(host, src=0)
-        t.copy_(host)
-    else:
-        torch.distributed.broadcast(t, src=0)
-    return t
+        return 0
+    counts = all_gather_rows(torch.tensor([n_local], dtype=torch.int64))
+    return int(counts[:rank].sum().item())

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .data import FitData
-from .distributed import all_reduce_, broadcast_, distributed_info
+from .distributed import all_reduce_, broadcast_
 
 __all__ = ["INITS", "initial_parameters", "kmeans_plusplus", "lloyd", "nearest"]
 
@@ -76,8 +76,10 @@ def initial_parameters(
     """Starting weights ``(K,)``, centred means ``(K, D)`` and variances ``(K, D)`` (float64) for EM.
 
     ``start`` holds the explicitly given parameters (``None`` where not given). Missing means come from
-    ``init`` on rank 0 (broadcast to the others); one pass of hard assignment over all rows then gives the
-    missing weights and variances (and refines k-means centres).
+    ``init`` on a seeded subsample of the union of all ranks' rows, which every rank draws and seeds alike
+    (same generator, so the generator stays in step across ranks; the centres are then broadcast from rank 0
+    for bit-identity); one pass of hard assignment over all rows then gives the missing weights and variances
+    (and refines k-means centres).
     """
     weights, means, variances = start
     d = data.n_features
@@ -86,22 +88,15 @@ def initial_parameters(
     dev = data.device
     refine = means is None
     if means is None:
-        centers = torch.empty(k, d, dtype=data.dtype, device=dev)
-        if distributed_info()[1] == 0:
-            m = max(INIT_SAMPLES_PER_COMPONENT * k, INIT_MIN_SAMPLES)
-            sample = data.subsample(m, generator)
-            if sample.shape[0] < k:
-                raise ValueError(
-                    f"rank 0 holds {sample.shape[0]} rows, fewer than n_components={k}; "
-                    "give rank 0 at least n_components rows"
-                )
-            if init == "kmeans++":
-                centers = kmeans_plusplus(sample, k, generator)
-                centers = lloyd(sample, centers, LLOYD_STEPS, data.chunk_size)
-            else:
-                pick = torch.randperm(sample.shape[0], generator=generator)[:k].to(dev)
-                centers = sample[pick].clone()
-        means = broadcast_(centers).to(torch.float64)
+        m = max(INIT_SAMPLES_PER_COMPONENT * k, INIT_MIN_SAMPLES)
+        sample = data.subsample(m, generator)  # collective: the same rows of the union on every rank
+        if init == "kmeans++":
+            centers = kmeans_plusplus(sample, k, generator)
+            centers = lloyd(sample, centers, LLOYD_STEPS, data.chunk_size)
+        else:
+            pick = torch.randperm(sample.shape[0], generator=generator)[:k].to(dev)
+            centers = sample[pick].clone()
+        means = broadcast_(centers.contiguous()).to(torch.float64)
 
     # one pass of hard assignment gives the missing weights and variances (and refines k-means centres)
     counts = torch.zeros(k, dtype=torch.float64, device=dev)
