@@ -521,26 +521,30 @@ def _stage_ends(trace: _Trace) -> list[tuple[tuple[str, tuple[int, ...]], list[_
     groups: dict[tuple[str, tuple[int, ...]], tuple[list[_Call], int]] = {}
 
     def add(boundary: torch.Tensor, res: tuple[str, tuple[int, ...]], before: int) -> None:
-        cands = [c for c in outputs.get(id(boundary), []) if c.end < before]
+        # a stage end's layout must be known from the modules, not guessed from the rank (attention internals)
+        cands = [c for c in outputs.get(id(boundary), []) if c.end < before and not c.guessed]
         if not cands or _size(res) <= 1 or res[0] == "flat":
             return
         old, _ = groups.get(res, ([], -1))
         groups[res] = (old + [c for c in cands if c not in old], before)
 
     for call in by_start:
+        source = producer.get(id(call.inp)) if call.inp is not None else None
         in_res = _resolution(call.inp, _input_layout(call, producer))
         out_res = _resolution(call.out, call.layout)
-        if in_res is not None and out_res is not None and _size(out_res) < _size(in_res) and call.inp is not None:
-            add(call.inp, in_res, call.start)
+        known = source is not None and not source.guessed and not call.guessed
+        if known and in_res is not None and out_res is not None and _size(out_res) < _size(in_res):
+            add(call.inp, in_res, call.start)  # a module that lowers the resolution (strided block, pooling)
         prev = None
         for c in ended:
             if c.end > call.start:
                 break
             prev = c
-        if prev is not None and prev.out is not None and in_res is not None and call.inp is not prev.out:
-            prev_res = _resolution(prev.out, prev.layout)
-            if prev_res is not None and _size(in_res) < _size(prev_res):
-                add(prev.out, prev_res, call.start)
+        if prev is None or prev.out is None or prev.guessed or in_res is None or call.inp is prev.out:
+            continue
+        prev_res = _resolution(prev.out, prev.layout)
+        if prev_res is not None and (in_res[0] in (prev_res[0], "flat")) and _size(in_res) < _size(prev_res):
+            add(prev.out, prev_res, call.start)  # a function between two modules lowered it (F.max_pool2d, x[:, 0])
     return sorted(((res, cands, t) for res, (cands, t) in groups.items()), key=lambda item: item[2])
 
 
