@@ -27,23 +27,22 @@ import torch
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
 
-from .._tensor import as_2d_tensor, full_precision_matmul, progress
+from .._tensor import as_2d_tensor, full_precision_matmul
 from ..exceptions import NotFittedError
 from . import sklearn_interop
 from .data import FitData, auto_chunk_size
-from .distributed import all_reduce_, broadcast_
+from .distributed import broadcast_
+from .em import run_em
 from .initialisation import INITS, initial_parameters
 from .kernels import (
     EXACT_TOP,
     LOG_2PI,
-    em_chunk_statistics,
     host_tensor,
-    m_step,
     natural_parameters,
     rescored_log_prob,
-    split_heaviest,
     variance_floor,
 )
+from .state import checked_state
 
 __all__ = ["DiagonalGMM"]
 
@@ -68,6 +67,11 @@ _PARAM_NAMES = (
     "precision_fallback",
     "verbose",
 )
+
+
+def _float32_safe(variances: torch.Tensor) -> bool:
+    """Whether ``x²`` and ``1/σ²`` of these variances stay well inside float32's range (1e-38 to 3e38)."""
+    return bool(((variances > 1e-30) & (variances < 1e30)).all())
 
 
 class DiagonalGMM(DensityMixin, BaseEstimator):
@@ -265,7 +269,7 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
     def _fit(self, data: FitData) -> DiagonalGMM:
         d = data.n_features
         dev = data.device
-        start = self._explicit_start(d, dev, data.mean)
+        start = self._explicit_start(d, dev, data.mean, data.scale)
         floor = variance_floor(data.variance, self.reg_covar)
         seed = self.random_state
         if seed is None:
@@ -278,7 +282,7 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             if data.dtype != self.dtype:
                 data.set_dtype(self.dtype)
             params = initial_parameters(data, self.n_components, self.init, start, floor, generator)
-            result = self._run_em(data, params, floor, generator, run)
+            result = run_em(self, data, params, floor, generator, run)
             if best is None or result["lower_bound"] > best["lower_bound"]:
                 best = result
         assert best is not None
@@ -289,15 +293,16 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        # back from EM's coordinates (x − mean) / scale; the density gains the Jacobian −Σ_d log scale_d
         weights, means, variances = best["params"]
         self.center_ = data.mean.clone()
         self.weights_ = weights
-        self.means_ = means + self.center_
-        self.covariances_ = variances
+        self.means_ = means * data.scale + self.center_
+        self.covariances_ = variances * data.scale**2
         self.converged_ = bool(best["converged"])
         self.n_iter_ = int(best["n_iter"])
-        self.lower_bound_ = float(best["lower_bound"])
-        self.lower_bounds_ = list(best["lower_bounds"])
+        self.lower_bound_ = float(best["lower_bound"]) - data.log_scale_sum
+        self.lower_bounds_ = [v - data.log_scale_sum for v in best["lower_bounds"]]
         self.n_reseeded_ = int(best["n_reseeded"])
         self.float64_from_iter_ = best["float64_from"]
         self.n_features_in_ = d
@@ -305,7 +310,11 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         self._cache = None
         return self
 
-    def _explicit_start(self, d: int, dev: torch.device, mean: torch.Tensor) -> tuple[Any, Any, Any]:
+    def _explicit_start(
+        self, d: int, dev: torch.device, mean: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[Any, Any, Any]:
+        """Explicitly given starting parameters in EM's coordinates ``(x − mean) / scale`` (None where not given)."""
+
         def load(value: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
             if value is None:
                 return None
@@ -320,94 +329,11 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         variances = load(self.variances_init, "variances_init", (k, d))
         if weights is not None:
             weights = weights / weights.sum()
-        return weights, (means - mean if means is not None else None), variances
-
-    def _run_em(
-        self,
-        data: FitData,
-        params: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        floor: torch.Tensor,
-        generator: torch.Generator,
-        run: int,
-    ) -> dict[str, Any]:
-        k, d = self.n_components, data.n_features
-        dev = data.device
-        weights, means, variances = params
-        lower_bounds: list[float] = []
-        converged, n_reseeded, warned, reseeded_last = False, 0, False, False
-        last_change = math.inf
-        float64_from: int | None = None
-        iterations = progress(
-            range(1, self.max_iter + 1),
-            enabled=self.verbose,
-            desc=f"EM (init {run + 1}/{self.n_init})",
-            total=self.max_iter,
-        )
-        n_iter = 0
-        for n_iter in iterations:
-            coef, bias = natural_parameters(weights, means, variances, data.dtype)
-            coef_bias = torch.cat([coef, bias[:, None]], dim=1)
-            stats = torch.zeros(k * (2 * d + 1) + 1, dtype=torch.float64, device=dev)
-            sums_all, loglik = stats[:-1].view(k, 2 * d + 1), stats[-1:]
-            for xa in data.chunks():
-                chunk_stats, chunk_loglik = em_chunk_statistics(xa, coef_bias)
-                sums_all += chunk_stats
-                loglik += chunk_loglik
-            all_reduce_(stats)
-            counts, sums = sums_all[:, -1], sums_all[:, :-1]
-            lower_bound = float(loglik.item()) / data.n_total
-            if not math.isfinite(lower_bound):
-                raise FloatingPointError(
-                    f"EM produced a non-finite log-likelihood at iteration {n_iter}; "
-                    "try dtype=torch.float64 or a larger reg_covar"
-                )
-            if lower_bounds:
-                last_change = lower_bound - lower_bounds[-1]
-                slack = 10 * torch.finfo(data.dtype).eps * (abs(lower_bound) + d)
-                if data.dtype == torch.float64:
-                    # rounding grows with μ²/σ², up to 1/reg_covar in dimensions sitting on the floor
-                    slack /= self.reg_covar
-                if last_change < -slack and not reseeded_last and float64_from != n_iter:
-                    # exact EM never lowers the bound: float32 rounding has reached the fit (typically
-                    # dimensions collapsed onto the variance floor), so finish in float64
-                    if data.dtype != torch.float64 and self.precision_fallback:
-                        logger.info(
-                            "EM: lower bound fell by %.3g at iteration %d; continuing in float64", -last_change, n_iter
-                        )
-                        data.set_dtype(torch.float64)
-                        float64_from = n_iter + 1
-                    elif not warned:
-                        warnings.warn(
-                            f"EM lower bound decreased by {-last_change:.3g} nats/sample at iteration {n_iter} "
-                            "(more than rounding)",
-                            RuntimeWarning,
-                            stacklevel=4,
-                        )
-                        warned = True
-            lower_bounds.append(lower_bound)
-            if self.verbose:
-                logger.info("EM iteration %d: mean log-likelihood %.6f", n_iter, lower_bound)
-                if hasattr(iterations, "set_postfix"):
-                    iterations.set_postfix(loglik=f"{lower_bound:.4f}")
-            weights, means, variances = m_step(counts, sums, floor)
-            weights, means, variances, n_split = split_heaviest(counts, weights, means, variances, generator)
-            reseeded_last = n_split > 0
-            n_reseeded += n_split
-            if len(lower_bounds) > 1 and abs(last_change) < self.tol:
-                converged = True
-                break
-        if hasattr(iterations, "close"):
-            iterations.close()
-        return {
-            "params": (weights, means, variances),
-            "lower_bound": lower_bounds[-1],
-            "lower_bounds": lower_bounds,
-            "converged": converged,
-            "n_iter": n_iter,
-            "n_reseeded": n_reseeded,
-            "last_change": last_change,
-            "float64_from": float64_from,
-        }
+        if means is not None:
+            means = (means - mean) / scale
+        if variances is not None:
+            variances = variances / scale**2
+        return weights, means, variances
 
     # ---- inference --------------------------------------------------------------------------------------------
 
@@ -426,7 +352,10 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         cache = self._cache
         if cache is None:
             centred_means = self.means_ - self.center_
-            coef, bias = natural_parameters(self.weights_, centred_means, self.covariances_, self.dtype)
+            dtype = self.dtype
+            if dtype == torch.float32 and not _float32_safe(self.covariances_):
+                dtype = torch.float64  # x² or 1/σ² would leave float32's exponent range: score in float64
+            coef, bias = natural_parameters(self.weights_, centred_means, self.covariances_, dtype)
             cache = {
                 "coef": coef,
                 "bias": bias,
@@ -527,27 +456,13 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> DiagonalGMM:
-        """Restore a fitted state written by :meth:`state_dict`; returns self."""
-        required = {"weights", "means", "covariances", "center"}
-        missing = required - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)}")
-        weights = torch.as_tensor(state["weights"], dtype=torch.float64)
-        means = torch.as_tensor(state["means"], dtype=torch.float64)
-        variances = torch.as_tensor(state["covariances"], dtype=torch.float64)
-        center = torch.as_tensor(state["center"], dtype=torch.float64)
-        k = self.n_components
-        if weights.shape != (k,) or means.ndim != 2 or means.shape[0] != k or variances.shape != means.shape:
-            raise ValueError(
-                f"state shapes do not fit n_components={k}: weights {tuple(weights.shape)}, "
-                f"means {tuple(means.shape)}, covariances {tuple(variances.shape)}"
-            )
-        if center.shape != (means.shape[1],):
-            raise ValueError(f"center must have shape ({means.shape[1]},), got {tuple(center.shape)}")
-        if not all(bool(torch.isfinite(t).all()) for t in (weights, means, variances, center)):
-            raise ValueError("state holds NaN or infinite values")
-        if bool((variances <= 0).any()) or bool((weights <= 0).any()):
-            raise ValueError("state has non-positive weights or variances")
+        """Restore a fitted state written by :meth:`state_dict`; returns self.
+
+        Raises:
+            ValueError: when an entry is missing, non-finite or of the wrong shape, a weight is not positive,
+                the weights do not sum to one (within 1e-6) or a variance is not positive.
+        """
+        weights, means, variances, center = checked_state(state, self.n_components)
         dev = torch.device(self.device) if self.device is not None else torch.device("cpu")
         self.weights_, self.means_ = weights.to(dev), means.to(dev)
         self.covariances_, self.center_ = variances.to(dev), center.to(dev)

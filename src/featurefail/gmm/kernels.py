@@ -24,6 +24,7 @@ __all__ = [
     "LOG_2PI",
     "MIN_COMPONENT_SIZE",
     "augmented_features",
+    "column_scale",
     "component_log_prob",
     "em_chunk_statistics",
     "host_tensor",
@@ -167,6 +168,17 @@ def variance_floor(variance: torch.Tensor, reg_covar: float) -> torch.Tensor:
     positive = variance > 0
     fallback = variance[positive].mean() if bool(positive.any()) else variance.new_tensor(1.0)
     return reg_covar * torch.where(positive, variance, fallback)
+
+
+def column_scale(variance: torch.Tensor) -> torch.Tensor:
+    """Per-column power of two nearest to the standard deviation: ``(D,) -> (D,)`` (1 for constant columns).
+
+    Dividing by a power of two is exact in binary floating point, so EM on ``x / scale`` does the same
+    arithmetic as on ``x`` wherever ``x`` is representable, while keeping ``x²`` and ``1/σ²`` of features at
+    extreme scales (standard deviations of 1e-19 or 1e19) inside float32's range.
+    """
+    std = torch.where(variance > 0, variance, torch.ones_like(variance)).sqrt()
+    return torch.exp2(torch.round(torch.log2(std)))
 
 
 def host_tensor(value: Any) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""DiagonalGMM on hostile saved states, empty feature sets and features at extreme scales."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from featurefail import DiagonalGMM
+
+
+def fitted(k: int = 3, d: int = 4) -> tuple[DiagonalGMM, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, d)) + rng.integers(0, k, 600)[:, None] * 4.0
+    return DiagonalGMM(k, random_state=0).fit(x), x
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s.update(weights=torch.tensor([0.5, 0.6, -0.1], dtype=torch.float64)), "positive"),
+        (lambda s: s.update(weights=torch.tensor([0.5, float("nan"), 0.5], dtype=torch.float64)), "NaN"),
+        (lambda s: s.update(weights=s["weights"] * 1.01), "sum to 1"),
+        (lambda s: s.update(weights=s["weights"][:2]), "weights"),
+        (lambda s: s.update(means=s["means"][:, :2]), "covariances"),
+        (lambda s: s.update(means=s["means"][0]), "means"),
+        (lambda s: s.update(covariances=s["covariances"][:, :3]), "covariances"),
+        (lambda s: s.update(covariances=-s["covariances"]), "covariances.*positive"),
+        (lambda s: s.update(covariances=s["covariances"] * 0), "covariances.*positive"),
+        (lambda s: s.update(covariances=s["covariances"].clone().fill_(math.inf)), "infinite"),
+        (lambda s: s.update(center=s["center"][:3]), "center"),
+        (lambda s: s.update(means="evil"), "means.*numeric"),
+        (lambda s: s.pop("center"), "missing"),
+    ],
+)
+def test_load_state_dict_rejects_bad_states_with_a_clear_error(change, match):
+    model, _ = fitted()
+    state = model.state_dict()
+    change(state)
+    with pytest.raises(ValueError, match=match):
+        DiagonalGMM(3).load_state_dict(state)
+
+
+def test_load_state_dict_accepts_rounding_in_the_weight_sum():
+    model, x = fitted()
+    state = model.state_dict()
+    state["weights"] = state["weights"] * (1 + 5e-7)
+    clone = DiagonalGMM(3).load_state_dict(state)
+    torch.testing.assert_close(clone.score_samples(x), model.score_samples(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fit_on_rows_without_columns_is_a_clear_error():
+    with pytest.raises(ValueError, match="0 features"):
+        DiagonalGMM(2).fit(np.zeros((100, 0)))
+    with pytest.raises(ValueError, match="0 features"):
+        DiagonalGMM(2).fit([np.zeros((50, 0)), np.zeros((50, 0))])
+
+
+def tiny_scale_features(seed: int = 0) -> torch.Tensor:
+    """16 clustered columns with variance ~1e-38 (as in a random-init GoogLeNet) beside 4 ordinary ones."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 3, (2000, 1), generator=g).double()
+    tiny = (label + 1e-3 * torch.randn(2000, 16, generator=g, dtype=torch.float64)) * 1e-19
+    normal = torch.randn(2000, 4, generator=g, dtype=torch.float64) + 3 * label
+    return torch.cat([tiny, normal], 1).float()
+
+
+def explicit_log_density(model: DiagonalGMM, x: np.ndarray) -> np.ndarray:
+    w, mu, var = (t.double().numpy() for t in (model.weights_, model.means_, model.covariances_))
+    comp = np.log(w) - 0.5 * (((x[:, None, :] - mu) ** 2) / var + np.log(2 * np.pi * var)).sum(-1)
+    top = comp.max(1, keepdims=True)
+    return (top + np.log(np.exp(comp - top).sum(1, keepdims=True)))[:, 0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_columns_with_variance_near_1e_38_fit_as_the_same_columns_at_unit_scale(dtype):
+    x = tiny_scale_features()
+    # before: FloatingPointError "EM produced a non-finite log-likelihood" in float32
+    tiny = DiagonalGMM(3, random_state=0, max_iter=20, tol=0, dtype=dtype).fit(x)
+    factor = 2.0**63  # a power of two: the rescaled data are exactly the same numbers up to the exponent
+    unit = x.double().clone()
+    unit[:, :16] *= factor
+    ref = DiagonalGMM(3, random_state=0, max_iter=20, tol=0, dtype=dtype).fit(unit.to(x.dtype))
+    jacobian = 16 * math.log(factor)  # log p(x) = log p(x · factor) + 16 log factor
+    assert all(math.isfinite(v) for v in tiny.lower_bounds_)
+    assert tiny.lower_bound_ == pytest.approx(ref.lower_bound_ + jacobian, abs=1e-6 * abs(ref.lower_bound_))
+    torch.testing.assert_close(tiny.means_[:, :16] * factor, ref.means_[:, :16], rtol=1e-6, atol=0)
+    torch.testing.assert_close(tiny.covariances_[:, 16:], ref.covariances_[:, 16:], rtol=1e-6, atol=0)
+    # the clusters are found: three components, one per label
+    assert sorted(torch.bincount(tiny.predict(x), minlength=3).tolist()) == sorted(
+        torch.bincount(ref.predict(unit.to(x.dtype)), minlength=3).tolist()
+    )
+    scores = tiny.score_samples(x).double().numpy()
+    np.testing.assert_allclose(scores, explicit_log_density(tiny, x.double().numpy()), rtol=1e-6)
+
+
+def test_features_at_1e30_scale_fit_too():
+    x = tiny_scale_features().double() * 1e30  # x² of the ordinary columns (~1e60) would overflow float32
+    model = DiagonalGMM(3, random_state=0, max_iter=10).fit(x.float())
+    assert math.isfinite(model.lower_bound_)
+    assert torch.isfinite(model.score_samples(x.float())).all()
