@@ -5,24 +5,37 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from ._tensor import mask_nonfinite
+from .distributed import (
+    all_gather_rows,
+    extract_shard,
+    require_distributable,
+    require_identical,
+    run_on_rank_zero,
+    synchronise_scorer,
+    total_rows,
+)
 from .exceptions import NotFittedError
 from .features import Features, extract_features
 from .hooks import FeatureHook
 from .scorers.base import ModelContext, Scorer, available_scorers, build_scorer, scorer_class
 from .scorers.per_layer import PerLayer
 from .threshold import ThresholdResult, calibrate_threshold, parse_strategy
+
+if TYPE_CHECKING:
+    from .monitor import DriftMonitor
 
 __all__ = [
     "DEFAULT_DETECTOR",
@@ -296,17 +309,23 @@ class FailureDetector:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         scorer = self.new_scorer()
         hook = self._hook(model, self.config.layer)
-        feats = extract_features(
-            model,
-            loader,
-            hook,
-            batch_fn=batch_fn,
-            keep_inputs=scorer.requires_inputs,
-            progress_bar=self.config.progress,
-        )
-        layers = hook.resolved_layers if self.config.layer == "auto" else None
-        weight, bias = penultimate_head(hook) or (None, None)
-        self._commit(self._fit_scorer(scorer, feats, model, layers, weight, bias))
+
+        def extract() -> tuple[Features, dict[str, Any]]:
+            feats = extract_features(
+                model,
+                loader,
+                hook,
+                batch_fn=batch_fn,
+                keep_inputs=scorer.requires_inputs,
+                progress_bar=self.config.progress,
+            )
+            weight, bias = penultimate_head(hook) or (None, None)
+            layers = hook.resolved_layers if self.config.layer == "auto" else None
+            return feats, {"layers": layers, "weight": weight, "bias": bias}
+
+        # under torch.distributed: this rank's shard (possibly empty; layers and head from a rank with rows)
+        feats, found = extract_shard(extract)
+        self._commit(self._fit_scorer(scorer, feats, model, found["layers"], found["weight"], found["bias"]))
         return self
 
     def fit_features(
@@ -340,10 +359,13 @@ class FailureDetector:
             raise ValueError(f"scorer {scorer.name!r} needs labels to fit; pass a loader that yields (x, y)")
         if scorer.requires_model and model is None:
             raise ValueError(f"scorer {scorer.name!r} needs the model; pass model= to fit_features")
+        require_distributable(scorer)
         fingerprint = model_fingerprint(model) if model is not None else None
+        require_identical({"model": fingerprint}, "the model (its weights' fingerprint)")
         fitted = FittedState(scorer, model, layers, int(features.feats.shape[1]), weight, bias, fingerprint)
         scorer.attach(self._context(fitted))
         scorer.fit(features)
+        synchronise_scorer(scorer)
         return fitted
 
     def _commit(self, fitted: FittedState) -> None:
@@ -359,11 +381,13 @@ class FailureDetector:
         if features.labels is None:
             raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
         features = features.subset(features.labels >= 0)
-        if len(features) == 0:
+        if total_rows(len(features)) == 0:  # under torch.distributed: of all ranks
             raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
+        require_distributable(fitted.scorer, validation=True)
         scorer = copy.deepcopy(fitted.scorer)
         scorer.attach(self._context(fitted))
         scorer.fit_validation(features)
+        synchronise_scorer(scorer)
         return scorer, features
 
     def _install_scorer(self, fitted: FittedState, scorer: Scorer, threshold: ThresholdResult | None) -> None:
@@ -377,8 +401,7 @@ class FailureDetector:
         without choosing a threshold (all or nothing; the previous threshold is dropped). :meth:`calibrate`
         does this first."""
         fitted = self._state()
-        feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
-        scorer, _ = self._validated(fitted, feats)
+        scorer, _ = self._validated(fitted, self._shard_features(val_loader, batch_fn))
         self._install_scorer(fitted, scorer, None)
         return self
 
@@ -415,7 +438,7 @@ class FailureDetector:
         """
         fitted = self._state()
         parse_strategy(strategy)
-        feats = val_loader if isinstance(val_loader, Features) else self.features(val_loader, batch_fn=batch_fn)
+        feats = self._shard_features(val_loader, batch_fn)
         if strategy == "fpr" and feats.labels is None:
             scorer, wrong = fitted.scorer, None
         else:
@@ -425,7 +448,9 @@ class FailureDetector:
                 feats, wrong = labelled, ~labelled.correct
             else:
                 wrong = None
-        scores = self._score_with(scorer, feats, fitted.n_features)
+        scores = self._score_with(scorer, feats, fitted.n_features) if len(feats) else torch.zeros(0)
+        # under torch.distributed: the threshold is chosen on the scores of all ranks (same on every rank)
+        scores, wrong = all_gather_rows(scores), None if wrong is None else all_gather_rows(wrong)
         result = calibrate_threshold(
             scores,
             wrong,
@@ -438,6 +463,12 @@ class FailureDetector:
         )
         self._install_scorer(fitted, scorer, result)
         return self
+
+    def _shard_features(self, val_loader: Any, batch_fn: Callable | None) -> Features:
+        """Features of validation data; under ``torch.distributed`` this rank's shard, which may be empty."""
+        if isinstance(val_loader, Features):
+            return val_loader
+        return extract_shard(lambda: (self.features(val_loader, batch_fn=batch_fn), {}))[0]
 
     # ---- inference --------------------------------------------------------------------------------------------
 
@@ -508,6 +539,22 @@ class FailureDetector:
         module.calibration = self.calibration_ if threshold is None else None  # the threshold's guarantee, if any
         return module.eval()
 
+    def monitor(
+        self, window: int = 1000, false_alarm: float = 0.01, callback: Callable[[Any], Any] | None = None
+    ) -> DriftMonitor:
+        """A :class:`~featurefail.monitor.DriftMonitor` of this detector's calibrated flag rate: feed it
+        ``update(flags)`` or ``update(scores=...)`` in production; it alarms when a window of ``window`` inputs
+        holds more flags than the calibration makes plausible (false-alarm probability ``<= false_alarm`` per
+        window on inputs exchangeable with the calibration data)."""
+        from .monitor import DriftMonitor
+
+        self._state()
+        if self.calibration_ is None:
+            raise NotFittedError("the detector has no calibrated threshold yet: call calibrate(val_loader) first")
+        return DriftMonitor.from_calibration(
+            self.calibration_, window=window, false_alarm=false_alarm, callback=callback
+        )
+
     def purify(self, x_or_features: Any, lr: float = 0.1, nu: float = 0.01, steps: int = 100, **kwargs: Any):
         """:func:`featurefail.purify` with this detector (GMM scorer; head = the hooked classifier head)."""
         from .purify import purify
@@ -533,10 +580,20 @@ class FailureDetector:
         """Write the detector to one safetensors file: tensors plus JSON metadata (config, scalars, version).
 
         The model is not saved, only its fingerprint; attach it again with ``FailureDetector.load(path, model=model)``.
+
+        Under ``torch.distributed`` every rank must call it: the ranks' detectors are checked to be identical,
+        rank 0 alone writes, and every rank returns once the file is written (then ``load`` works on every rank
+        that sees ``path``).
         """
         from .persistence import save_detector
 
-        save_detector(self, self._state(), path)
+        fitted = self._state()
+        calibration = json.dumps(self.calibration_.as_dict() if self.calibration_ else None, sort_keys=True)
+        require_identical(
+            {**fitted.scorer.state_dict(), "threshold": self.threshold_, "calibration": calibration},
+            "the fitted detector",
+        )
+        run_on_rank_zero(lambda: save_detector(self, fitted, path))
 
     @classmethod
     def load(
