@@ -56,7 +56,7 @@ def test_registry_and_errors():
     } <= set(available_scorers())
     assert isinstance(get_scorer("gmm", n_components=3), GMMScorer)
     with pytest.raises(ValueError, match="unknown scorer"):
-        get_scorer("knn")
+        get_scorer("no_such_scorer")
 
 
 @pytest.mark.parametrize("scorer", [MaxSoftmax(), MaxLogit()])

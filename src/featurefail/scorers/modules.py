@@ -15,7 +15,17 @@ from torch import nn
 
 from ..gmm import rescored_log_prob
 
-__all__ = ["BlockSumScoreModule", "GMMScoreModule", "LogitScoreModule", "TransformedScoreModule"]
+__all__ = [
+    "BlockSumScoreModule",
+    "GMMScoreModule",
+    "HeadEnergyScoreModule",
+    "KNNScoreModule",
+    "LogitScoreModule",
+    "RelativeMahalanobisScoreModule",
+    "TransformedScoreModule",
+    "ViMScoreModule",
+    "kth_neighbour_distance",
+]
 
 
 class GMMScoreModule(nn.Module):
@@ -87,3 +97,171 @@ class LogitScoreModule(nn.Module):
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.fn(logits)
+
+
+# ---- post-hoc OOD detectors (issue 21): energy through the head, ReAct, ASH, ViM, KNN, relative Mahalanobis -------
+
+
+def _finite_rows(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(finite (N,), float64 features with non-finite rows zeroed)``: those rows score ``-inf`` afterwards."""
+    finite = torch.isfinite(feats).all(dim=1)
+    f = feats.double()
+    return finite, torch.where(finite[:, None], f, torch.zeros((), dtype=f.dtype, device=f.device))
+
+
+def _masked(finite: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    return torch.where(finite, score, torch.full_like(score, -math.inf)).float()
+
+
+class HeadEnergyScoreModule(nn.Module):
+    """``logsumexp(W·g(f) + b)``: the energy score of the classifier head on shaped features, in float64.
+
+    ``shaping="none"``: ``g(f) = f``; ``"clip"`` (ReAct): ``g(f) = min(f, threshold)``; ``"ash"`` (ASH-S):
+    ``g(f)`` keeps each row's top ``keep`` activations, zeroes the rest and scales by ``exp(Σf / Σg)``.
+    ``(N, D) -> (N,)``; non-finite rows score ``-inf``.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        shaping: str = "none",
+        threshold: float = math.inf,
+        keep: int = 0,
+    ) -> None:
+        super().__init__()
+        if shaping not in ("none", "clip", "ash"):
+            raise ValueError(f"shaping must be 'none', 'clip' or 'ash', got {shaping!r}")
+        if shaping == "ash" and not 1 <= keep <= weight.shape[1]:
+            raise ValueError(f"ASH keeps between 1 and {weight.shape[1]} activations per row, got {keep}")
+        self.register_buffer("weight", weight.detach().double().cpu().clone())
+        self.register_buffer("bias", bias.detach().double().cpu().clone())
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float64))
+        self.shaping = shaping
+        self.keep = int(keep)
+
+    def shape(self, f: torch.Tensor) -> torch.Tensor:
+        """``g(f)``: ``(N, D) -> (N, D)`` float64."""
+        if self.shaping == "clip":
+            return torch.minimum(f, self.threshold)
+        if self.shaping == "ash":
+            top, index = f.topk(self.keep, dim=1)
+            pruned = torch.zeros_like(f).scatter(1, index, top)
+            before, after = f.sum(1), top.sum(1)
+            ratio = torch.where(after > 0, before / after.where(after > 0, torch.ones_like(after)), 1.0)
+            return pruned * torch.exp(ratio)[:, None]
+        return f
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite, f = _finite_rows(feats)
+        z = self.shape(f) @ self.weight.T + self.bias
+        return _masked(finite, torch.logsumexp(z, dim=1))
+
+
+class ViMScoreModule(nn.Module):
+    """ViM: ``logsumexp(W f + b) − α ‖(f − u) R‖`` with ``R (D, D − dim)`` the residual directions; float64.
+
+    ``(N, D) -> (N,)``; non-finite rows score ``-inf``.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, origin: torch.Tensor, residual: torch.Tensor, alpha: float
+    ) -> None:
+        super().__init__()
+        for name, value in (("weight", weight), ("bias", bias), ("origin", origin), ("residual", residual)):
+            self.register_buffer(name, value.detach().double().cpu().clone())
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64))
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite, f = _finite_rows(feats)
+        energy = torch.logsumexp(f @ self.weight.T + self.bias, dim=1)
+        residual = torch.linalg.vector_norm((f - self.origin) @ self.residual, dim=1)
+        return _masked(finite, energy - self.alpha * residual)
+
+
+def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
+    """Euclidean distance from each query to its ``k``-th nearest row of ``bank``, exact; ``(Q,)`` float64.
+
+    Both inputs are expected L2-normalised (``(Q, D)`` and ``(N, D)``, on one device). Candidates are found by
+    chunked float32 products ``q·b`` (memory ``O(chunk_size² + Q·m)``, never ``Q × N``) with a running top-``m``,
+    ``m = k + max(8, k/4)``; their distances are then recomputed as ``‖q − b‖`` in float64, so neither the
+    ``2 − 2 q·b`` cancellation nor a TF32 matmul setting changes the result beyond the candidate margin.
+    """
+    n = bank.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the bank size {n}")
+    m = min(n, k + max(8, k // 4))
+    bank32 = bank.float()
+    out = []
+    for q in torch.split(queries, chunk_size):
+        q32 = q.float()
+        best_sim = torch.empty(len(q), 0, dtype=torch.float32, device=q.device)
+        best_idx = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for start in range(0, n, chunk_size):
+            sims = q32 @ bank32[start : start + chunk_size].T
+            sim, idx = sims.topk(min(m, sims.shape[1]), dim=1)
+            sim, idx = torch.cat([best_sim, sim], 1), torch.cat([best_idx, idx + start], 1)
+            best_sim, pos = sim.topk(min(m, sim.shape[1]), dim=1)
+            best_idx = idx.gather(1, pos)
+        rows = max(1, 2**23 // max(1, m * bank.shape[1]))  # float64 candidates of at most 64 MiB at a time
+        q64 = q.double()
+        for i in range(0, len(q), rows):
+            cand = bank[best_idx[i : i + rows]].double()  # (r, m, D)
+            dist = torch.linalg.vector_norm(q64[i : i + rows, None, :] - cand, dim=2)
+            out.append(dist.topk(k, dim=1, largest=False).values[:, -1])
+    if not out:
+        return torch.empty(0, dtype=torch.float64, device=queries.device)
+    return torch.cat(out)
+
+
+class KNNScoreModule(nn.Module):
+    """Deep nearest neighbours: ``−‖f/‖f‖ − b_(k)‖``, the negated distance of the L2-normalised features to
+    their ``k``-th nearest row of the normalised training bank (a buffer). ``(N, D) -> (N,)``; non-finite rows
+    score ``-inf``. Exact, chunked (see :func:`kth_neighbour_distance`); not differentiable in ``feats``.
+    """
+
+    def __init__(self, bank: torch.Tensor, k: int, chunk_size: int = 4096) -> None:
+        super().__init__()
+        if not 1 <= k <= bank.shape[0]:
+            raise ValueError(f"k={k} must be between 1 and the bank size {bank.shape[0]}")
+        self.register_buffer("bank", bank.detach().float().clone())
+        self.k = int(k)
+        self.chunk_size = int(chunk_size)
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite, f = _finite_rows(feats.to(self.bank.device))
+        queries = torch.nn.functional.normalize(f, dim=1)
+        with torch.no_grad():
+            dist = kth_neighbour_distance(queries, self.bank, self.k, self.chunk_size)
+        return _masked(finite, -dist)
+
+
+def _squared_distances(f: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    fp = f @ precision
+    mean_terms = ((means @ precision) * means).sum(1)
+    return ((fp * f).sum(1, keepdim=True) - 2.0 * fp @ means.T + mean_terms).clamp_min(0.0)
+
+
+class RelativeMahalanobisScoreModule(nn.Module):
+    """Relative Mahalanobis: ``d²_0(f) − min_c d²_c(f)`` (class Gaussians with a tied precision, one background
+    Gaussian), float64 buffers. ``(N, D) -> (N,)``, differentiable in ``feats``; non-finite rows score ``-inf``.
+    """
+
+    def __init__(
+        self,
+        means: torch.Tensor,
+        precision: torch.Tensor,
+        background_mean: torch.Tensor,
+        background_precision: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("means", means.detach().double().cpu().clone())
+        self.register_buffer("precision", precision.detach().double().cpu().clone())
+        self.register_buffer("background_mean", background_mean.detach().double().cpu().reshape(1, -1).clone())
+        self.register_buffer("background_precision", background_precision.detach().double().cpu().clone())
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite, f = _finite_rows(feats)
+        d2 = _squared_distances(f, self.means, self.precision).min(dim=1).values
+        d0 = _squared_distances(f, self.background_mean, self.background_precision)[:, 0]
+        return _masked(finite, d0 - d2)
