@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
@@ -28,7 +29,7 @@ from .distributed import (
     total_rows,
 )
 from .exceptions import NotFittedError
-from .features import Features, extract_features
+from .features import Features, extract_features, iter_batches, n_rows
 from .hooks import FeatureHook
 from .scorers.base import ModelContext, Scorer, available_scorers, build_scorer, scorer_class
 from .scorers.per_layer import PerLayer
@@ -279,7 +280,7 @@ class FailureDetector:
     def features(self, x: Any, *, batch_fn: Callable | None = None) -> Features:
         """Features of inputs: a tensor batch ``(N, ...)`` (scored in batches) or an iterable of batches."""
         model = self._require_model()
-        loader: Iterable = [(c,) for c in torch.split(x, self.config.batch_size)] if isinstance(x, torch.Tensor) else x
+        loader = iter_batches(_no_array(x), self.config.batch_size)
         needs_inputs = self._fitted is not None and self._fitted.scorer.requires_inputs
         with self._lock:  # forward hooks fire for every caller of the module: one hooked pass at a time
             return extract_features(
@@ -307,6 +308,8 @@ class FailureDetector:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(loader, Iterable) or isinstance(loader, str | bytes):
+            raise TypeError(f"loader must be an iterable of batches (DataLoader, list); got {type(loader).__name__}")
         scorer = self.new_scorer()
         hook = self._hook(model, self.config.layer)
 
@@ -343,6 +346,7 @@ class FailureDetector:
             head: ``(weight (C, D), bias (C,))`` of the classifier head, for scorers and purification that use it.
         """
         weight, bias = head if head is not None else (None, None)
+        features = _as_features(features)
         self._commit(self._fit_scorer(self.new_scorer(), features, model, None, weight, bias))
         return self
 
@@ -493,8 +497,12 @@ class FailureDetector:
             ValueError: when the feature dimension differs from the one fitted.
         """
         fitted = self._state()
-        if isinstance(features, torch.Tensor):
-            features = Features(features)
+        features = _as_features(features)
+        if len(features) == 0:
+            d = features.feats.shape[1]
+            if d != fitted.n_features:
+                raise ValueError(f"features have dimension {d}, expected {fitted.n_features} (the fitted dimension)")
+            return torch.empty(0)
         return self._score_with(fitted.scorer, features, fitted.n_features)
 
     def score(self, x: Any, *, batch_fn: Callable | None = None) -> torch.Tensor:
@@ -504,7 +512,7 @@ class FailureDetector:
         (or ``-BPD``). Non-finite features score ``-inf``. An empty batch gives an empty tensor.
         """
         self._state()
-        if isinstance(x, torch.Tensor) and x.shape[0] == 0:
+        if n_rows(_no_array(x)) == 0:
             return torch.empty(0)
         return self.score_features(self.features(x, batch_fn=batch_fn))
 
@@ -675,6 +683,22 @@ def _build_config(scorer: str | Scorer | None, kwargs: dict[str, Any]) -> Detect
         return DetectorConfig(scorer=name, scorer_options=settings, **own)
     except ValidationError as exc:
         raise ValueError(f"invalid FailureDetector settings:\n{exc}") from None
+
+
+def _no_array(x: Any) -> Any:
+    """``x`` unchanged unless it is a NumPy array (TypeError: inputs go through the model as torch tensors)."""
+    if isinstance(x, np.ndarray):
+        raise TypeError("inputs are a NumPy array; pass a torch tensor, e.g. torch.from_numpy(x).float()")
+    return x
+
+
+def _as_features(features: Any) -> Features:
+    """:class:`Features` from Features, or from a ``(N, D)`` tensor or NumPy array of features."""
+    if isinstance(features, Features):
+        return features
+    if isinstance(features, torch.Tensor | np.ndarray):
+        return Features(torch.as_tensor(features))
+    raise TypeError(f"features must be Features or an (N, D) tensor, got {type(features).__name__}")
 
 
 def score(detector: FailureDetector, x: Any) -> torch.Tensor:
