@@ -124,6 +124,8 @@ class DetectorConfig(BaseModel):
             raise ValueError(
                 f"scorer {self.scorer!r} has no setting {unknown[0]!r}; its settings are: {', '.join(known) or 'none'}"
             )
+        if isinstance(self.scorer_options.get("device"), str):  # the scorer's own device: the same rules
+            self._valid_device(self.scorer_options["device"])
         return self
 
 

@@ -40,6 +40,11 @@ def save_detector(detector: FailureDetector, fitted: Any, path: str | Path) -> N
             scalars[key] = value
         else:
             raise TypeError(f"scorer state {key!r} is a {type(value).__name__}; only tensors and numbers")
+    if detector.threshold_ is not None and not math.isfinite(detector.threshold_):
+        raise ValueError(f"threshold_ is {detector.threshold_}; a saved detector keeps a finite threshold or none")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot save the detector to {path}: the folder {folder} does not exist")
     if fitted.head_weight is not None and fitted.head_bias is not None:
         tensors["head.weight"] = fitted.head_weight.contiguous()
         tensors["head.bias"] = fitted.head_bias.contiguous()
@@ -71,6 +76,8 @@ def load_detector(
 
     from .detector import FORMAT_NAME, FORMAT_VERSION, DetectorConfig, FittedState, model_fingerprint
 
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if device is not None:
         try:
             DetectorConfig(device=device)
@@ -125,6 +132,8 @@ def load_detector(
         and (head_weight.ndim != 2 or head_bias.shape != (head_weight.shape[0],) or head_weight.shape[1] > n_features)
     ):
         raise ValueError(f"{path} has a damaged classifier head (weight and bias shapes do not fit)")
+    if head_weight is not None and not (torch.isfinite(head_weight).all() and torch.isfinite(head_bias).all()):
+        raise ValueError(f"{path} has a damaged classifier head (NaN or infinite weights)")
     if model is not None and check_model and fingerprint is not None and model_fingerprint(model) != fingerprint:
         raise ValueError(
             "the model's weights differ from those the detector was fitted on (fingerprint mismatch): its features "
@@ -142,9 +151,24 @@ def load_detector(
         scorer.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise ValueError(f"{path} has a damaged {config.scorer!r} scorer state: {exc}") from None
+    _check_state_used(path, config.scorer, state, scorer.state_dict())
     fitted = FittedState(scorer, model, layers, n_features, head_weight, head_bias, fingerprint)
     detector.restore(fitted, threshold, calibration)
     return detector
+
+
+def _check_state_used(path: str | Path, name: str, given: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """Every entry of the file's scorer state was used, and its numbers are those the loaded scorer holds."""
+    unknown = sorted(set(given) - set(loaded))
+    if unknown:
+        raise ValueError(f"{path} has scorer state entries that the {name!r} scorer does not have: {unknown[:5]}")
+    for key, value in given.items():
+        if isinstance(value, torch.Tensor):
+            continue
+        held = loaded[key]
+        both_nan = isinstance(value, float) and isinstance(held, float) and math.isnan(value) and math.isnan(held)
+        if held != value and not both_nan:
+            raise ValueError(f"{path} has scorer state {key!r} = {value!r}, but the loaded scorer has {held!r}")
 
 
 def scorer_setting_names(raw_config: dict[str, Any]) -> list[str]:
@@ -163,8 +187,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
 def _threshold(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"threshold must be a number or null, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"threshold must be a finite number or null, got {value!r}")
     return float(value)
 
 
