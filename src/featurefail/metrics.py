@@ -156,6 +156,10 @@ def ece(logits: Any, labels: Any, n_bins: int = 10) -> float:
         raise ValueError(f"need logits (N, C) and labels (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
+    if z.shape[0] == 0:
+        raise ValueError("ece needs at least one sample")
+    if not torch.isfinite(z).all():
+        raise ValueError(f"logits hold NaN or infinite values in {int((~torch.isfinite(z)).any(1).sum())} row(s)")
     conf, pred = torch.softmax(z, dim=1).max(dim=1)
     hit = (pred == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)

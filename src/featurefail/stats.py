@@ -40,9 +40,9 @@ def mann_whitney(scores_correct: Any, scores_wrong: Any) -> MannWhitneyResult:
 
     Raises:
         ValueError: when a group is empty or a score is NaN.
+        TypeError: when the scores are not numbers.
     """
-    c = np.asarray(_numpy(scores_correct), dtype=np.float64).ravel()
-    w = np.asarray(_numpy(scores_wrong), dtype=np.float64).ravel()
+    c, w = _scores(scores_correct, "correct"), _scores(scores_wrong, "wrong")
     if c.size == 0 or w.size == 0:
         raise ValueError(f"both groups need samples: {c.size} correct, {w.size} wrong")
     if np.isnan(c).any() or np.isnan(w).any():
@@ -61,5 +61,9 @@ def mann_whitney(scores_correct: Any, scores_wrong: Any) -> MannWhitneyResult:
     )
 
 
-def _numpy(x: Any) -> Any:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+def _scores(x: Any, group: str) -> np.ndarray:
+    """The scores of one group as a flat float64 array (TypeError when they are not numbers)."""
+    values = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+    if values.dtype == object or not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
+        raise TypeError(f"the {group} scores must be numbers, got dtype {values.dtype}")
+    return values.astype(np.float64).ravel()
