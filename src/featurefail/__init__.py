@@ -10,22 +10,26 @@ from .exceptions import NotFittedError
 from .features import Features, extract_features
 from .gmm import DiagonalGMM
 from .hooks import FeatureHook
+from .monitor import DriftMonitor, MonitorStatus
 from .purify import PurifyResult, purification_grid, purify
 from .stats import MannWhitneyResult, mann_whitney
-from .threshold import ThresholdResult, cross_validate_threshold
+from .threshold import ThresholdResult, calibrate_threshold, cross_validate_threshold
 
 __version__ = "0.1.0"
 __all__ = [
     "DetectorConfig",
     "DiagonalGMM",
+    "DriftMonitor",
     "FailureDetector",
     "FeatureHook",
     "Features",
     "MannWhitneyResult",
+    "MonitorStatus",
     "NotFittedError",
     "PurifyResult",
     "ThresholdResult",
     "__version__",
+    "calibrate_threshold",
     "cross_validate_threshold",
     "detect",
     "extract_features",
