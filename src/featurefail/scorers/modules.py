@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._tensor import full_precision_matmul
 from ..gmm import rescored_log_prob
 
 __all__ = [
@@ -183,35 +184,56 @@ def kth_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, ch
     """Euclidean distance from each query to its ``k``-th nearest row of ``bank``, exact; ``(Q,)`` float64.
 
     Both inputs are expected L2-normalised (``(Q, D)`` and ``(N, D)``, on one device). Candidates are found by
-    chunked float32 products ``q·b`` (memory ``O(chunk_size² + Q·m)``, never ``Q × N``) with a running top-``m``,
-    ``m = k + max(8, k/4)``; their distances are then recomputed as ``‖q − b‖`` in float64, so neither the
-    ``2 − 2 q·b`` cancellation nor a TF32 matmul setting changes the result beyond the candidate margin.
+    chunked float32 products ``q·b`` at full precision (no TF32; memory ``O(chunk_size² + Q·m)``, never
+    ``Q × N``) with a running top-``m``, ``m = k + max(8, k/4)``; their distances are recomputed as ``‖q − b‖``
+    in float64. A row is **certified** when the ``m``-th candidate's product, plus the float32 error bound
+    ``D·2⁻²³ + 10⁻⁶``, is still below the product any row closer than the ``k``-th candidate would need; the
+    rare rows that are not (near-ties at float32 resolution) are searched again exhaustively in float64.
     """
-    n = bank.shape[0]
+    n, d = bank.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the bank size {n}")
     m = min(n, k + max(8, k // 4))
+    tol = d * 2.0**-23 + 1e-6
     bank32 = bank.float()
     out = []
     for q in torch.split(queries, chunk_size):
-        q32 = q.float()
+        q32, q64 = q.float(), q.double()
         best_sim = torch.empty(len(q), 0, dtype=torch.float32, device=q.device)
         best_idx = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
-        for start in range(0, n, chunk_size):
-            sims = q32 @ bank32[start : start + chunk_size].T
-            sim, idx = sims.topk(min(m, sims.shape[1]), dim=1)
-            sim, idx = torch.cat([best_sim, sim], 1), torch.cat([best_idx, idx + start], 1)
-            best_sim, pos = sim.topk(min(m, sim.shape[1]), dim=1)
-            best_idx = idx.gather(1, pos)
-        rows = max(1, 2**23 // max(1, m * bank.shape[1]))  # float64 candidates of at most 64 MiB at a time
-        q64 = q.double()
-        for i in range(0, len(q), rows):
-            cand = bank[best_idx[i : i + rows]].double()  # (r, m, D)
-            dist = torch.linalg.vector_norm(q64[i : i + rows, None, :] - cand, dim=2)
-            out.append(dist.topk(k, dim=1, largest=False).values[:, -1])
+        with full_precision_matmul():
+            for start in range(0, n, chunk_size):
+                sims = q32 @ bank32[start : start + chunk_size].T
+                sim, idx = sims.topk(min(m, sims.shape[1]), dim=1)
+                sim, idx = torch.cat([best_sim, sim], 1), torch.cat([best_idx, idx + start], 1)
+                best_sim, pos = sim.topk(min(m, sim.shape[1]), dim=1)
+                best_idx = idx.gather(1, pos)
+        rows = max(1, 2**23 // max(1, m * d))  # float64 candidates of at most 64 MiB at a time
+        kth = torch.cat(
+            [
+                torch.linalg.vector_norm(q64[i : i + rows, None, :] - bank[best_idx[i : i + rows]].double(), dim=2)
+                .topk(k, dim=1, largest=False)
+                .values[:, -1]
+                for i in range(0, len(q), rows)
+            ]
+        )
+        if m < n:  # a closer non-candidate b would need q·b > (‖q‖² + ‖b‖² − d_k²) / 2
+            needed = (q64.square().sum(1) + 1.0 - kth.square()) / 2
+            unsure = torch.nonzero(best_sim[:, -1].double() + tol >= needed).flatten()
+            if len(unsure):
+                kth[unsure] = _exhaustive_kth(q64[unsure], bank, k, chunk_size)
+        out.append(kth)
     if not out:
         return torch.empty(0, dtype=torch.float64, device=queries.device)
     return torch.cat(out)
+
+
+def _exhaustive_kth(q64: torch.Tensor, bank: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    best = torch.empty(len(q64), 0, dtype=torch.float64, device=q64.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        dist = torch.cdist(q64, bank[start : start + chunk_size].double(), compute_mode="donot_use_mm_for_euclid_dist")
+        best = torch.cat([best, dist], 1).topk(min(k, best.shape[1] + dist.shape[1]), dim=1, largest=False).values
+    return best[:, -1]
 
 
 class KNNScoreModule(nn.Module):
