@@ -14,6 +14,9 @@ Three families of strategies, all reachable through :func:`calibrate_threshold`:
 
 Labels of ``-1`` mean "unlabelled": the functions take ``wrong`` booleans of labelled rows only; use
 :func:`labelled_mistakes` to drop unlabelled rows before calling them.
+
+One file (over 500 lines) because the three families share one result type (:class:`ThresholdResult`, which a
+saved detector stores and validates) and one set of input checks, and a user compares them side by side.
 """
 
 from __future__ import annotations
