@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +344,22 @@ def test_detector_module_from_a_dict_input_model_equals_score():
     torch.testing.assert_close(score, det.score([loader[0]]), rtol=1e-5, atol=1e-4)
     exported = torch.export.export(module, (), {"input_ids": ids[:4], "attention_mask": mask[:4]})
     torch.testing.assert_close(exported.module()(input_ids=ids[:4], attention_mask=mask[:4])[1], score[:4])
+
+
+def test_inspect_command_prints_the_plan(tmp_path, capsys):
+    from featurefail.cli import main
+
+    here = str(Path(__file__).parent)
+    (tmp_path / "net.py").write_text(
+        f"import sys\nsys.path.insert(0, {here!r})\nfrom models import TinyVGG\n\ndef make():\n    return TinyVGG()\n"
+    )
+    assert main(["inspect", "--model", f"{tmp_path / 'net.py'}:make", "--input-shape", "3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "head: classifier.3, 3 classes" in out and "features: 48 dims in 3 block(s)" in out
+    assert "| 1 features.7:output#channels_first | features.7 | output | channels_first | (16, 8, 8) | 16 |" in out
+    assert (
+        main(["inspect", "--model", f"{tmp_path / 'net.py'}:make", "--input-shape", "3,32,32", "--layer", "none"]) == 0
+    )
+    assert "features: 20 dims in 1 block(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="integers"):
+        main(["inspect", "--model", f"{tmp_path / 'net.py'}:make", "--input-shape", "3x32"])

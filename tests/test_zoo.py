@@ -237,5 +237,38 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def token_pooling_table(n: int = 64) -> str:
+    """CLS token vs mean token at the automatic blocks of the token models, on ``n`` random inputs: the
+    participation ratio ``(Σλ)² / Σλ²`` of the features' covariance (effective dimensions; higher = less
+    degenerate for a mixture) and the median over dimensions of std / (|mean| + std) across inputs."""
+    rows = [
+        "| model | block | pooling | participation ratio | median relative std |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arch in ZOO:
+        if _WHY_NOT[arch.package] or arch.name.split(" ")[0] not in {
+            "vit_b_16", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+            "ViTForImageClassification", "BertForSequenceClassification",
+        }:  # fmt: skip
+            continue
+        torch.manual_seed(0)
+        model = arch.build().eval()
+        x = arch.example(n)
+        for pooling in ("mean", "cls"):
+            layers = auto_layers(model, x, token_pool=pooling)
+            with FeatureHook(model, layer=layers) as hook, torch.no_grad():
+                feats, _ = hook(x)
+            start = hook.block_sizes[0]
+            for spec, width in zip(layers[1:], hook.block_sizes[1:], strict=True):
+                block = feats[:, start : start + width].double()
+                start += width
+                eig = torch.linalg.eigvalsh(torch.cov(block.T)).clamp_min(0)
+                ratio = float(eig.sum() ** 2 / (eig**2).sum())
+                std, mean = block.std(0), block.mean(0)
+                rel = float((std / (mean.abs() + std)).median())
+                rows.append(f"| {arch.package}:{arch.name} | `{spec}` | {pooling} | {ratio:.1f} | {rel:.2f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    print(token_pooling_table() if "--token-pooling" in sys.argv else markdown_table())

@@ -806,11 +806,31 @@ class FeatureHook:
         self.layer_name = "+".join(self.layer_names)
         single = len(blocks) == 1 and blocks[0].spec is None and len(heads) == 1
         self.head = heads[0].module if single and isinstance(heads[0].module, nn.Linear) else None
-        _remember_plan(self.model, self._plan_keys(), blocks, self.heads, self.head_combine)
+        _remember_plan(self.model, self._plan_keys(), _Plan(blocks, list(self.heads), self.head_combine,
+                       list(self._head_modules), self.output_fn))  # fmt: skip
         return trace
 
+    def _adopt(self) -> bool:
+        """Take the plan a hook with the same settings resolved on this model (no probe pass); False if none."""
+        with _plans_lock:
+            plan = _plans.get(self.model, {}).get(self._plan_keys()[0])
+        if plan is None or plan.output_fn is not self.output_fn:
+            return False
+        self._blocks, self.heads, self.head_combine = plan.blocks, list(plan.heads), plan.how
+        self._head_modules = list(plan.head_modules)
+        self.resolved_layers = [b.spec for b in plan.blocks]
+        self.layer_names = [
+            "+".join(self.heads) if b.spec is None else "+".join(c.name for c in b.captures) for b in plan.blocks
+        ]
+        self.layer_name = "+".join(self.layer_names)
+        single = len(plan.blocks) == 1 and plan.blocks[0].spec is None and len(self._head_modules) == 1
+        head = self._head_modules[0] if single else None
+        self.head = head if isinstance(head, nn.Linear) else None
+        return True
+
     def _plan_keys(self) -> list[tuple]:
-        return [self._layer_key, _plan_key(self.resolved_layers)]
+        settings = (self.n_stages, self.token_pool) if self._auto else ()
+        return [(*self._layer_key, *settings), _plan_key(self.resolved_layers)]
 
     def _concrete(self, caps: list[Capture], trace: _Trace) -> list[Capture]:
         out = []
@@ -920,7 +940,8 @@ class FeatureHook:
             raise RuntimeError("use FeatureHook inside a `with` block (or call __enter__ first)")
         with model_lock(self.model):
             if not self.resolved:
-                self._resolve(x)
+                if not self._adopt():
+                    self._resolve(x)
                 self._register()
             self._counts, self._captured = {}, {}
             self._armed = threading.get_ident()
@@ -972,9 +993,18 @@ def find_layer_in(named: dict[str, nn.Module], layer: str | nn.Module) -> tuple[
 # ---- resolved plans, for deployment ---------------------------------------------------------------------------
 
 _plans_lock = threading.Lock()
-_plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[_Block], list[str], str | None]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+
+@dataclass
+class _Plan:
+    blocks: list[_Block]
+    heads: list[str]
+    how: str | None
+    head_modules: list[nn.Module]
+    output_fn: Callable[[Any], torch.Tensor]
+
+
+_plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Plan]] = weakref.WeakKeyDictionary()
 
 
 def _plan_key(layer: Any) -> tuple:
@@ -983,11 +1013,11 @@ def _plan_key(layer: Any) -> tuple:
     return ("one", None if layer is None else str(layer))
 
 
-def _remember_plan(model: nn.Module, keys: list[tuple], blocks: list[_Block], heads: list[str], how: Any) -> None:
+def _remember_plan(model: nn.Module, keys: list[tuple], plan: _Plan) -> None:
     with _plans_lock:
         store = _plans.setdefault(model, {})
         for key in keys:
-            store[key] = (blocks, heads, how)
+            store[key] = plan
 
 
 def resolved_captures(
@@ -1012,8 +1042,11 @@ def resolved_captures(
         return [parse_layer(s) for s in specs]  # fully resolved specs need no forward pass
     with _plans_lock:
         found = _plans.get(model, {}).get(_plan_key(layer))
+    if found is None and layer == "auto":
+        with _plans_lock:
+            found = _plans.get(model, {}).get(("one", "auto", 2, "mean"))
     if found is not None:
-        return [b.captures for b in found[0]]
+        return [b.captures for b in found.blocks]
     heads = _static_heads(model)
     if heads is None:
         raise ValueError(
