@@ -36,6 +36,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "require_distributable",
+    "require_identical",
     "require_single_process",
     "run_on_rank_zero",
     "state_digest",
@@ -225,10 +226,19 @@ def require_single_process(what: str) -> None:
         )
 
 
-def require_distributable(scorer: Scorer) -> None:
-    """Under a process group, raise unless ``scorer.distributable()`` (its fit reduces over ranks)."""
-    if is_distributed() and not scorer.distributable():
-        require_single_process(f"scorer {scorer.name!r} ({type(scorer).__name__})")
+def require_distributable(scorer: Scorer, validation: bool = False) -> None:
+    """Under a process group, raise unless ``scorer.distributable()`` (its fit reduces over ranks).
+
+    With ``validation``: only when the scorer learns from validation data (overrides ``fit_validation``); a
+    scorer that does not (a VAE loaded from a file, say) can be calibrated across ranks, its scores pooled.
+    """
+    from .scorers.base import Scorer
+
+    if not is_distributed() or scorer.distributable():
+        return
+    if validation and type(scorer).fit_validation is Scorer.fit_validation:
+        return
+    require_single_process(f"scorer {scorer.name!r} ({type(scorer).__name__})")
 
 
 # ---- features of a shard -------------------------------------------------------------------------------------
@@ -366,3 +376,14 @@ def run_on_rank_zero(action: Callable[[], None]) -> None:
         except Exception as exc:  # re-raised below, after telling the other ranks
             error = exc
     _raise_if_any_failed(error)
+
+
+def require_identical(values: dict[str, Any], what: str) -> None:
+    """Raise a :class:`DistributedError` on every rank unless every rank's ``values`` (tensors and JSON values)
+    are bit-identical (their :func:`state_digest` is compared)."""
+    if not is_distributed():
+        return
+    digests = all_gather_json(state_digest(values))
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise DistributedError(f"{what} differs between rank 0 and rank(s) {differing}")

@@ -1,7 +1,8 @@
 """Feature preprocessing for density scorers, fitted on training features only (no labels).
 
 Each transform is an ``nn.Module`` whose state lives in buffers, so it saves with the detector, runs inside
-``as_module()`` and is differentiable (purification goes through it).
+``as_module()`` and is differentiable (purification goes through it). Under ``torch.distributed`` the
+statistics (means, deviations, the PCA covariance) are those of the union of all ranks' rows.
 
 * ``"standardize"``: ``(f − μ) / σ`` per dimension.
 * ``"pca"`` / ``"pca:0.99"``: PCA whitening keeping the leading components that explain that fraction of the
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .distributed import all_reduce_sum, is_distributed
 
 __all__ = ["FeatureTransform", "make_transform", "observe_fits"]
 
@@ -71,8 +74,8 @@ class _Standardize(FeatureTransform):
 
     def _fit(self, feats: torch.Tensor) -> FeatureTransform:
         f = feats.double()
-        std = f.std(0)
-        self.register_buffer("mean", f.mean(0))
+        mean, std = _distributed_moments(f) if is_distributed() else (f.mean(0), f.std(0))
+        self.register_buffer("mean", mean)
         self.register_buffer("scale", 1.0 / std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12))))
         return self
 
@@ -91,9 +94,15 @@ class _PCAWhiten(FeatureTransform):
 
     def _fit(self, feats: torch.Tensor) -> FeatureTransform:
         f = feats.double()
-        mean = f.mean(0)
-        centred = f - mean
-        eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / f.shape[0])
+        if is_distributed():
+            n, mean = _distributed_mean(f)
+            centred = f - mean
+            cov = all_reduce_sum(centred.T @ centred) / n
+        else:
+            mean = f.mean(0)
+            centred = f - mean
+            cov = centred.T @ centred / f.shape[0]
+        eigvals, eigvecs = torch.linalg.eigh(cov)
         eigvals, eigvecs = eigvals.flip(0).clamp_min(0.0), eigvecs.flip(1)
         share = torch.cumsum(eigvals, 0) / eigvals.sum().clamp_min(1e-300)
         keep = int(torch.searchsorted(share, torch.tensor(self.kept, dtype=torch.float64)).item()) + 1
@@ -104,6 +113,19 @@ class _PCAWhiten(FeatureTransform):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return ((feats.double() - self.mean) @ self.projection).to(feats.dtype)
+
+
+def _distributed_mean(f: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(N, mean (D,))`` of the rows of all ranks (float64)."""
+    sums = all_reduce_sum(torch.cat([f.new_tensor([f.shape[0]]), f.sum(0)]))
+    return int(sums[0].item()), sums[1:] / sums[0]
+
+
+def _distributed_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased standard deviation ``(D,)`` of the rows of all ranks, in two passes as ``Tensor.std``."""
+    n, mean = _distributed_mean(f)
+    squares = all_reduce_sum(((f - mean) ** 2).sum(0))
+    return mean, (squares / max(n - 1, 1)).sqrt()
 
 
 class _L2Normalize(FeatureTransform):

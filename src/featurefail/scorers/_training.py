@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._tensor import progress
+from ..distributed import require_single_process
 
 
 class Standardizer:
@@ -66,7 +67,12 @@ def train_density(
     show_progress: bool,
     clip: float = 10.0,
 ) -> list[float]:
-    """Minimise the mean of ``loss_fn(batch)`` with Adam; returns the mean loss of every epoch."""
+    """Minimise the mean of ``loss_fn(batch)`` with Adam; returns the mean loss of every epoch.
+
+    Raises:
+        RuntimeError: under ``torch.distributed`` with two or more ranks (each would train its own network).
+    """
+    require_single_process(desc)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     module.to(device).train()

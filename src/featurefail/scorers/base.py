@@ -19,6 +19,7 @@ import torch
 from pydantic import BeforeValidator, ConfigDict, validate_call
 from torch import nn
 
+from ..distributed import total_rows, union_labels
 from ..exceptions import NotFittedError
 from ..features import Features
 
@@ -84,6 +85,10 @@ class Scorer:
     * :meth:`state_dict` / :meth:`load_state_dict`: fitted state as tensors and plain numbers (safetensors).
     * :meth:`as_module`: the scoring as ``nn.Module(feats, logits) -> (N,)`` for deployment (``as_module()``,
       export), differentiable in ``feats`` where the score is (purification uses it).
+    * ``supports_distributed``: set True **on the class itself** (it is not inherited, see :meth:`distributable`)
+      when ``fit`` and ``fit_validation`` reduce every data statistic over ranks with
+      :mod:`featurefail.distributed`, so that under ``torch.distributed`` all ranks fit one scorer on the union
+      of their shards. Without it, fitting under a process group of two or more ranks raises.
     """
 
     name: ClassVar[str] = ""
@@ -92,6 +97,7 @@ class Scorer:
     requires_inputs: bool = False
     requires_model: bool = False
     setting_attributes: ClassVar[dict[str, str]] = {}  # a setting stored under another attribute name
+    supports_distributed: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -132,6 +138,11 @@ class Scorer:
 
     def attach(self, context: ModelContext) -> None:
         """Receive the model, the detector's hook factory and the head weights (default: not needed)."""
+
+    def distributable(self) -> bool:
+        """True when this scorer's class itself declares ``supports_distributed = True``: a subclass that
+        changes ``fit`` must declare it again, so an unchecked fit never runs per rank."""
+        return type(self).__dict__.get("supports_distributed", False) is True
 
     # ---- fitted state -----------------------------------------------------------------------------------------
 
@@ -242,14 +253,19 @@ def get_scorer(name: str | Scorer, **settings: Any) -> Scorer:
 
 
 def check_features(features: Features, *, labels: bool = False, logits: bool = False, who: str = "scorer") -> None:
-    """Raise a clear ``ValueError`` when ``features`` lack what a scorer needs or hold non-finite values."""
+    """Raise a clear ``ValueError`` when ``features`` lack what a scorer needs or hold non-finite values.
+
+    Under ``torch.distributed`` the class count and the non-finite rows are those of all ranks (a collective:
+    every rank calls it, as every rank calls ``fit``), so a shard holding one class is fine and every rank
+    raises alike.
+    """
     if logits and features.logits is None:
         raise ValueError(f"{who} needs logits; these features have none")
     if labels:
         if features.labels is None:
             raise ValueError(f"{who} needs labels to fit; pass a loader that yields (x, y)")
-        if torch.unique(features.labels[features.labels >= 0]).numel() < 2:
+        if union_labels(features.labels[features.labels >= 0]).numel() < 2:
             raise ValueError(f"{who} needs at least two classes in the labels to fit")
-    bad = int((~torch.isfinite(features.feats)).any(dim=1).sum())
+    bad = total_rows(int((~torch.isfinite(features.feats)).any(dim=1).sum()))
     if bad:
         raise ValueError(f"the features hold {bad} row(s) with NaN or infinite values; remove them before fit")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..distributed import all_gather_rows
 from ..exceptions import NotFittedError
 from ..features import Features
 from ..metrics import auroc
@@ -56,6 +57,7 @@ class FusedScorer(Scorer):
     """
 
     requires_logits = True
+    supports_distributed = True  # the mixture reduces over ranks; scales and the weight use all ranks' scores
 
     def __init__(
         self,
@@ -92,8 +94,14 @@ class FusedScorer(Scorer):
         return self.gmm_scorer_.score(features).double().cpu(), _logit_evidence(features.logits, self.logit_score)
 
     def _standardise(self, features: Features) -> None:
-        density, evidence = self._parts(features)
+        density, evidence = (all_gather_rows(part) for part in self._local_parts(features))
         self.scales_ = (*_robust_scale(density), *_robust_scale(evidence))
+
+    def _local_parts(self, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_parts`, also on a rank whose shard is empty (``torch.distributed``)."""
+        if len(features) == 0:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return self._parts(features)
 
     def fit(self, features: Features) -> FusedScorer:
         check_features(features, logits=True, who="FusedScorer")
@@ -108,10 +116,12 @@ class FusedScorer(Scorer):
         self._standardise(features)
         if self.weight is not None:
             return self
-        correct = features.correct
+        correct = all_gather_rows(features.correct)  # under torch.distributed: all ranks' rows
         if correct.all() or (~correct).all():
             return self
-        density, evidence = self._standardised(features)
+        m_d, s_d, m_e, s_e = self.scales_
+        density, evidence = (all_gather_rows(part) for part in self._local_parts(features))
+        density, evidence = (density - m_d) / s_d, (evidence - m_e) / s_e
         search = {}
         for w in _WEIGHTS:
             s = w * density + (1 - w) * evidence

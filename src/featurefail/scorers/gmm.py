@@ -42,6 +42,7 @@ class GMMScorer(Scorer):
 
     setting_attributes: ClassVar[dict[str, str]] = {"score": "score_kind"}  # the method score() takes the name
 
+    supports_distributed = True  # the preprocessing and the mixture reduce over ranks
     def __init__(
         self,
         n_components: Annotated[int, Field(ge=1)] = 100,

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_gather_rows, all_reduce_sum, is_distributed, union_labels
 from ..features import Features
 from ..metrics import auroc
 from .base import ModelContext, Scorer, check_features, register_scorer
@@ -22,14 +23,25 @@ class TiedGaussians:
 
     ``Σ = (1/N) Σ_n (f_n − μ_{y_n})(f_n − μ_{y_n})ᵀ``, optionally shrunk toward ``(tr Σ / D)·I`` by
     ``shrinkage`` (0 = maximum likelihood), and pseudo-inverted (``Σ⁺``, as in Lee et al.'s code).
+    Under ``torch.distributed`` each rank passes its rows; classes, means and covariance are those of the union.
     """
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, shrinkage: float = 0.0) -> None:
         f = feats.double()
-        self.classes = torch.unique(labels)
-        self.means = torch.stack([f[labels == c].mean(0) for c in self.classes.tolist()])  # (C, D)
-        centred = f - self.means[torch.searchsorted(self.classes, labels)]
-        cov = centred.T @ centred / f.shape[0]
+        if is_distributed():
+            self.classes = union_labels(labels)
+            column = torch.searchsorted(self.classes, labels)
+            sums = torch.zeros(len(self.classes), f.shape[1] + 1, dtype=torch.float64, device=f.device)
+            sums.index_add_(0, column, torch.cat([f, torch.ones_like(f[:, :1])], dim=1))
+            all_reduce_sum(sums)
+            self.means = sums[:, :-1] / sums[:, -1:]  # (C, D)
+            centred = f - self.means[column]
+            cov = all_reduce_sum(centred.T @ centred) / sums[:, -1].sum()
+        else:
+            self.classes = torch.unique(labels)
+            self.means = torch.stack([f[labels == c].mean(0) for c in self.classes.tolist()])  # (C, D)
+            centred = f - self.means[torch.searchsorted(self.classes, labels)]
+            cov = centred.T @ centred / f.shape[0]
         d = cov.shape[0]
         scale = torch.trace(cov) / d
         if not torch.isfinite(scale) or scale <= 0:
@@ -91,6 +103,7 @@ class Mahalanobis(Scorer):
     """
 
     requires_labels = True
+    supports_distributed = True  # class statistics, and the epsilon search's validation scores, over all ranks
 
     def __init__(
         self,
@@ -126,13 +139,13 @@ class Mahalanobis(Scorer):
             return self
         check_features(features, labels=True, logits=True, who="Mahalanobis")
         known = features.labels >= 0
-        correct = features.correct[known]
+        correct = all_gather_rows(features.correct[known])  # under torch.distributed: all ranks' rows
         if correct.all() or (~correct).all():
             self.epsilon_ = 0.0
             return self
         results = {}
         for eps in EPSILON_GRID:
-            s = self._score_inputs(features, eps)[known]
+            s = all_gather_rows(self._score_inputs(features, eps)[known])
             results[eps] = auroc(s[correct], s[~correct])
         self.epsilon_ = max(results, key=lambda e: (results[e], -e))
         self.epsilon_search_ = results

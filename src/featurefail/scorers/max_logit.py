@@ -18,5 +18,7 @@ class MaxLogit(LogitScorer):
     detection for real-world settings", ICML 2022 (MaxLogit).
     """
 
+    supports_distributed = True  # nothing is learned from data
+
     def evidence(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().max(dim=1).values

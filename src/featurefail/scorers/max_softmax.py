@@ -18,5 +18,7 @@ class MaxSoftmax(LogitScorer):
     neural networks", ICLR 2017.
     """
 
+    supports_distributed = True  # nothing is learned from data
+
     def evidence(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.double(), dim=1).max(dim=1).values.float()

@@ -55,6 +55,10 @@ class PerLayer(Scorer):
     def requires_model(self) -> bool:  # type: ignore[override]
         return self.base.requires_model
 
+    def distributable(self) -> bool:
+        """As the base scorer: every block's copy fits alike."""
+        return self.base.distributable()
+
     def get_params(self) -> dict[str, Any]:
         """The base scorer's settings (every block's copy has them)."""
         return self.base.get_params()

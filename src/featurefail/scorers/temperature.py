@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..distributed import all_gather_rows
 from ..exceptions import NotFittedError
 from ..features import Features
 from .base import check_features, register_scorer
@@ -56,14 +57,18 @@ class TemperatureScaling(LogitScorer):
         temperature_: the fitted ``T``.
     """
 
+    supports_distributed = True  # fitted on the validation logits and labels of all ranks
+
     def __init__(self, max_iter: Annotated[int, Field(ge=1)] = 100) -> None:
         self.max_iter = max_iter
 
     def fit_validation(self, features: Features) -> TemperatureScaling:
-        """Fit ``T`` on labelled validation features (logits and labels; labels < 0 are ignored)."""
+        """Fit ``T`` on labelled validation features (logits and labels; labels < 0 are ignored); under
+        ``torch.distributed`` on those of all ranks."""
         check_features(features, logits=True, labels=True, who="TemperatureScaling")
         known = features.labels >= 0
-        self.temperature_ = fit_temperature(features.logits[known], features.labels[known], self.max_iter)
+        logits, labels = all_gather_rows(features.logits[known]), all_gather_rows(features.labels[known])
+        self.temperature_ = fit_temperature(logits, labels, self.max_iter)
         return self
 
     def is_fitted(self) -> bool:

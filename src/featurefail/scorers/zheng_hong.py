@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
+from ..distributed import total_rows, union_labels
 from ..features import Features
 from ..gmm import DiagonalGMM
 from ..threshold import cross_validate_threshold
@@ -34,6 +35,7 @@ class ZhengHong(Scorer):
 
     requires_labels = True
     requires_logits = True
+    supports_distributed = True  # classes, class sizes and every class mixture over all ranks
 
     def __init__(
         self,
@@ -59,11 +61,12 @@ class ZhengHong(Scorer):
         check_features(features, labels=True, logits=True, who="ZhengHong")
         known = features.labels >= 0
         features = features.subset(known)
-        self.classes_ = torch.unique(features.labels)
+        # under torch.distributed: the classes and class sizes of all ranks; each mixture reduces over ranks
+        self.classes_ = union_labels(features.labels)
         self.class_gmms_ = []
         for c in self.classes_.tolist():
             rows = features.feats[features.labels == c]
-            k = max(1, min(self.n_components, rows.shape[0] // 2))
+            k = max(1, min(self.n_components, total_rows(rows.shape[0]) // 2))
             self.class_gmms_.append(self.new_mixture(k).fit(rows))
         return self
 
