@@ -96,3 +96,10 @@ def mask_nonfinite(scores: torch.Tensor, *inputs: torch.Tensor | None) -> torch.
         if t is not None:
             bad = bad | ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1).to(bad.device)
     return torch.where(bad, torch.full_like(scores, -math.inf), scores)
+
+
+def zero_nonfinite_rows(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(finite (N,) bool, feats with every row holding NaN or ±inf set to 0)``: score the safe rows, then
+    :func:`mask_nonfinite` gives the unsafe ones ``-inf``."""
+    finite = torch.isfinite(feats).all(dim=1)
+    return finite, torch.where(finite[:, None], feats, torch.zeros((), dtype=feats.dtype, device=feats.device))

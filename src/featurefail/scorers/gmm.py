@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from .._tensor import mask_nonfinite, zero_nonfinite_rows
 from ..features import Features
 from ..gmm import DiagonalGMM
 from ..preprocess import make_transform
@@ -41,8 +42,8 @@ class GMMScorer(Scorer):
     """
 
     setting_attributes: ClassVar[dict[str, str]] = {"score": "score_kind"}  # the method score() takes the name
-
     supports_distributed = True  # the preprocessing and the mixture reduce over ranks
+
     def __init__(
         self,
         n_components: Annotated[int, Field(ge=1)] = 100,
@@ -103,11 +104,8 @@ class GMMScorer(Scorer):
 
     def score(self, features: Features) -> torch.Tensor:
         self.check_fitted()
-        feats = features.feats
-        finite = torch.isfinite(feats).all(dim=1)
-        safe = torch.where(finite[:, None], feats, torch.zeros_like(feats))
-        loglik = self.gmm_.score_samples(self.transform(safe))
-        loglik = torch.where(finite.to(loglik.device), loglik, torch.full_like(loglik, -math.inf))
+        _, safe = zero_nonfinite_rows(features.feats)
+        loglik = mask_nonfinite(self.gmm_.score_samples(self.transform(safe)).cpu(), features.feats)
         if self.score_kind == "bpd":
             return loglik / (self.gmm_.n_features_in_ * math.log(2.0))
         return loglik

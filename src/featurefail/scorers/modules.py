@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._tensor import full_precision_matmul
+from .._tensor import full_precision_matmul, mask_nonfinite, zero_nonfinite_rows
 from ..gmm import rescored_log_prob
 
 __all__ = [
@@ -46,14 +46,11 @@ class GMMScoreModule(nn.Module):
         self.scale = 1.0 / (gmm.n_features_in_ * math.log(2.0)) if bpd else 1.0
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        x = feats.float()
-        finite = torch.isfinite(x).all(dim=1)
-        x = torch.where(finite[:, None], x, torch.zeros_like(x))
+        _, x = zero_nonfinite_rows(feats.float())
         lp = rescored_log_prob(
             x, self.coef, self.bias, self.center, self.means64, self.precisions64, self.exact_bias64, self.top
         )
-        score = torch.logsumexp(lp, dim=1) * self.scale
-        return torch.where(finite, score, torch.full_like(score, -math.inf)).float()
+        return mask_nonfinite(torch.logsumexp(lp, dim=1) * self.scale, feats).float()
 
 
 class TransformedScoreModule(nn.Module):
@@ -65,10 +62,8 @@ class TransformedScoreModule(nn.Module):
         self.score = score
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        finite = torch.isfinite(feats).all(dim=1)
-        safe = torch.where(finite[:, None], feats, torch.zeros_like(feats))
-        out = self.score(self.transform(safe), logits)
-        return torch.where(finite, out, torch.full_like(out, -math.inf))
+        _, safe = zero_nonfinite_rows(feats)
+        return mask_nonfinite(self.score(self.transform(safe), logits), feats)
 
 
 class BlockSumScoreModule(nn.Module):
@@ -105,9 +100,7 @@ class LogitScoreModule(nn.Module):
 
 def _finite_rows(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(finite (N,), float64 features with non-finite rows zeroed)``: those rows score ``-inf`` afterwards."""
-    finite = torch.isfinite(feats).all(dim=1)
-    f = feats.double()
-    return finite, torch.where(finite[:, None], f, torch.zeros((), dtype=f.dtype, device=f.device))
+    return zero_nonfinite_rows(feats.double())
 
 
 def _masked(finite: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
