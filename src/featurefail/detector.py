@@ -209,16 +209,23 @@ class FailureDetector:
 
     def features(self, x: Any, *, batch_fn: Callable | None = None) -> Features:
         """Features of inputs: a tensor batch ``(N, ...)`` (scored in batches) or an iterable of batches."""
-        model = self._require_model()
+        return self._extract(self._fitted, x, batch_fn)
+
+    def _extract(self, fitted: FittedState | None, x: Any, batch_fn: Callable | None) -> Features:
+        """Features of inputs through ``fitted``'s model and layers (one snapshot, so a concurrent re-fit cannot
+        mix two fits' model, layers and scorer)."""
+        model = fitted.model if fitted is not None else None
+        if model is None:
+            raise RuntimeError("no model is attached; pass model= to FailureDetector.load or call fit")
+        layers = fitted.layers if fitted.layers is not None else self.config.layer
         loader = iter_batches(_no_array(x), self.config.batch_size)
-        needs_inputs = self._fitted is not None and self._fitted.scorer.requires_inputs
         with self._lock:  # forward hooks fire for every caller of the module: one hooked pass at a time
             return extract_features(
                 model,
                 loader,
-                self._hook(model),
+                self._hook(model, layers),
                 batch_fn=batch_fn,
-                keep_inputs=needs_inputs,
+                keep_inputs=fitted.scorer.requires_inputs,
                 progress_bar=self.config.progress and not isinstance(x, torch.Tensor),
             )
 
@@ -426,7 +433,9 @@ class FailureDetector:
         Raises:
             ValueError: when the feature dimension differs from the one fitted.
         """
-        fitted = self._state()
+        return self._score_fitted(self._state(), features)
+
+    def _score_fitted(self, fitted: FittedState, features: Any) -> torch.Tensor:
         features = _as_features(features)
         if len(features) == 0:
             d = features.feats.shape[1]
@@ -441,19 +450,27 @@ class FailureDetector:
         Higher = more typical of the training data; for the GMM the log-likelihood of the features
         (or ``-BPD``). Non-finite features score ``-inf``. An empty batch gives an empty tensor.
         """
-        self._state()
+        return self._score_inputs(self._state(), x, batch_fn)
+
+    def _score_inputs(self, fitted: FittedState, x: Any, batch_fn: Callable | None) -> torch.Tensor:
         if n_rows(_no_array(x)) == 0:
             return torch.empty(0)
-        return self.score_features(self.features(x, batch_fn=batch_fn))
+        return self._score_fitted(fitted, self._extract(fitted, x, batch_fn))
+
+    def _snapshot(self, threshold: float | None) -> tuple[FittedState, float]:
+        """The fitted state and the threshold in use, read together (a concurrent fit or calibrate swaps both)."""
+        with self._lock:
+            return self._state(), self._threshold(threshold)
 
     def detect(self, x: Any, threshold: float | None = None, *, batch_fn: Callable | None = None) -> torch.Tensor:
         """``(N,)`` bool, True = likely failure (``score < threshold``; default ``threshold_``)."""
-        t = self._threshold(threshold)
-        return self.score(x, batch_fn=batch_fn) < t
+        fitted, t = self._snapshot(threshold)
+        return self._score_inputs(fitted, x, batch_fn) < t
 
     def detect_features(self, features: Features | torch.Tensor, threshold: float | None = None) -> torch.Tensor:
         """:meth:`detect` for precomputed features."""
-        return self.score_features(features) < self._threshold(threshold)
+        fitted, t = self._snapshot(threshold)
+        return self._score_fitted(fitted, features) < t
 
     def as_module(self, threshold: float | None = None) -> nn.Module:
         """The attached model and this detector as one module: ``forward(x) -> (logits, score, flag)``.
