@@ -23,7 +23,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum, is_distributed
 
-__all__ = ["FeatureTransform", "make_transform", "observe_fits"]
+__all__ = ["FeatureTransform", "floored_std", "make_transform", "observe_fits"]
 
 _fit_observers: list[Callable[[FeatureTransform, torch.Tensor], None]] = []
 
@@ -41,6 +41,12 @@ def observe_fits() -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         _fit_observers.remove(observer)
+
+
+def floored_std(std: torch.Tensor) -> torch.Tensor:
+    """``(D,)`` standard deviations floored at ``1e-6 ×`` the largest, so constant dimensions (dead units) divide
+    by a small positive number instead of zero."""
+    return std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12)))
 
 
 class FeatureTransform(nn.Module):
@@ -76,7 +82,7 @@ class _Standardize(FeatureTransform):
         f = feats.double()
         mean, std = _distributed_moments(f) if is_distributed() else (f.mean(0), f.std(0))
         self.register_buffer("mean", mean)
-        self.register_buffer("scale", 1.0 / std.clamp_min(1e-6 * float(std.max().clamp_min(1e-12))))
+        self.register_buffer("scale", 1.0 / floored_std(std))
         return self
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:

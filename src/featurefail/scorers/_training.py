@@ -9,6 +9,7 @@ from torch import nn
 
 from .._tensor import progress
 from ..distributed import require_single_process
+from ..preprocess import floored_std
 
 
 class Standardizer:
@@ -17,7 +18,7 @@ class Standardizer:
     def __init__(self, feats: torch.Tensor) -> None:
         f = feats.double()
         self.mean = f.mean(0)
-        self.std = f.std(0).clamp_min(1e-6 * float(f.std(0).max().clamp_min(1e-12)))
+        self.std = floored_std(f.std(0))
         self.log_det = -torch.log(self.std).sum()  # log |d z / d f|
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
