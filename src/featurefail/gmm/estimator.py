@@ -91,8 +91,9 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             the others). Unlike scikit-learn's absolute ``reg_covar`` it is not added, and it works at any scale.
         init: ``"kmeans++"`` (greedy k-means++ seeding, then Lloyd's k-means on all rows, or on
             ``max(256 K, 65536)`` of them, best of three restarts when that is cheap; then variances and
-            weights from a hard assignment of all rows), ``"kmeans++-fast"`` (the previous default: k-means++ and five Lloyd steps on ``16 K``
-            rows) or ``"random_from_data"`` (random rows as means). See :mod:`featurefail.gmm.initialisation`.
+            weights from a hard assignment of all rows), ``"kmeans++-fast"`` (the previous default: k-means++
+            and five Lloyd steps on ``16 K`` rows) or ``"random_from_data"`` (random rows as means). See
+            :mod:`featurefail.gmm.initialisation`.
         n_init: number of initialisations; the fit with the highest final lower bound is kept.
         random_state: seed for the initialisation and re-seeding; ``None`` draws one.
         device: where EM runs; ``None`` means the device of the data.
