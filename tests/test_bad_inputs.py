@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from featurefail import DetectorConfig, DiagonalGMM, FailureDetector, Features, NotFittedError, mann_whitney, metrics
+from featurefail.loading import load_model
+from featurefail.ood import NpzImages, gaussian_noise, uniform_noise
 from featurefail.scorers import Scorer
 
 NAN, INF = math.nan, math.inf
@@ -223,6 +225,136 @@ LOADERS = [
         "detect/NaN input row is flagged",
         lambda e: e.det.detect(with_nan_row(e.x[:6], INF)),
         lambda r, e: bool(r[1]),
+    ),
+]
+
+
+# ---- files: images (.npz) and model weights for the command line ---------------------------------------------------
+
+
+def npz(e: SimpleNamespace, **arrays: Any) -> Any:
+    path = e.folder / f"images{next(e.counter)}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (print, ("a pickle ran code",))
+
+
+def _npy(e: SimpleNamespace) -> Any:
+    path = e.folder / "single.npy"
+    np.save(path, IMAGES)
+    return path
+
+
+def _net_file(e: SimpleNamespace) -> str:
+    path = e.folder / "net.py"
+    path.write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
+    return f"{path}:make"
+
+
+def _weights(e: SimpleNamespace, name: str, obj: Any) -> str:
+    path = e.folder / name
+    if isinstance(obj, bytes):
+        path.write_bytes(obj)
+    else:
+        torch.save(obj, path)
+    return str(path)
+
+
+IMAGES = np.zeros((3, 4, 4, 1), dtype=np.uint8)
+FILES = [
+    err(
+        "npz/object array",
+        lambda e: NpzImages(npz(e, x=np.array([object(), 1]))),
+        ValueError,
+        "not a readable .npz file.*allow_pickle=False",
+    ),
+    err(
+        "npz/garbage bytes",
+        lambda e: NpzImages(_weights(e, "g.npz", b"garbage")),
+        ValueError,
+        "not a readable .npz file of images",
+    ),
+    err(
+        "npz/a single .npy array",
+        lambda e: NpzImages(_npy(e)),
+        ValueError,
+        "holds a single array",
+    ),
+    err("npz/no array x", lambda e: NpzImages(npz(e, y=np.zeros(3))), ValueError, r"no array 'x' \(found \['y'\]\)"),
+    err("npz/x of 2 axes", lambda e: NpzImages(npz(e, x=np.zeros((3, 4)))), ValueError, r"x must be \(N, H, W, C\)"),
+    err(
+        "npz/fewer labels than images",
+        lambda e: NpzImages(npz(e, x=IMAGES, y=np.arange(2))),
+        ValueError,
+        "one label per image, got shape \\(2,\\) for 3 images",
+    ),
+    err(
+        "npz/NaN pixels",
+        lambda e: NpzImages(npz(e, x=np.full((3, 4, 4, 1), np.nan, np.float32))),
+        ValueError,
+        "x holds NaN",
+    ),
+    err("npz/size 0", lambda e: NpzImages(npz(e, x=IMAGES), size=0), ValueError, "size must be >= 1"),
+    err(
+        "npz/3 channels to 2",
+        lambda e: NpzImages(npz(e, x=np.zeros((3, 4, 4, 3), np.uint8)), channels=2),
+        ValueError,
+        "cannot convert 3 channels to 2",
+    ),
+    ok("npz/no images: an empty set", lambda e: len(NpzImages(npz(e, x=IMAGES[:0]))), lambda r, e: r == 0),
+    err("noise/n -1", lambda e: gaussian_noise(torch.rand(3, 1, 4, 4), -1), ValueError, "n must be >= 0"),
+    err(
+        "noise/empty reference (was NaN images)",
+        lambda e: gaussian_noise(torch.rand(0, 1, 4, 4), 2),
+        ValueError,
+        "reference must be a non-empty batch",
+    ),
+    err("noise/uniform n -1", lambda e: uniform_noise((1, 4, 4), -1), ValueError, "n must be >= 0"),
+    err(
+        "load_model/no factory name",
+        lambda e: load_model("torchvision.models.resnet18"),
+        ValueError,
+        "must be 'package.module:factory'",
+    ),
+    err(
+        "load_model/missing weights",
+        lambda e: load_model(_net_file(e), str(e.folder / "nope.pt")),
+        FileNotFoundError,
+        "no such weights file",
+    ),
+    err(
+        "load_model/weights of other shapes",
+        lambda e: load_model(_net_file(e), _weights(e, "w.pt", {"weight": torch.zeros(3, 4)})),
+        ValueError,
+        "(?s)do not fit.*size mismatch",
+    ),
+    err(
+        "load_model/a pickle that runs code",
+        lambda e: load_model(_net_file(e), _weights(e, "evil.pt", _RunsCode())),
+        ValueError,
+        "not a readable state dict",
+    ),
+    err(
+        "load_model/garbage safetensors",
+        lambda e: load_model(_net_file(e), _weights(e, "w.safetensors", b"xx")),
+        ValueError,
+        "not a readable state dict",
+    ),
+    err(
+        "load_model/a list, not a state dict",
+        lambda e: load_model(_net_file(e), _weights(e, "l.pt", [1, 2])),
+        ValueError,
+        "holds a list, not a state dict",
+    ),
+    err(
+        "load_model/garbage TorchScript",
+        lambda e: load_model(torchscript=_weights(e, "s.pt", b"garbage")),
+        ValueError,
+        "not a readable TorchScript file",
     ),
 ]
 
@@ -1169,7 +1301,7 @@ DEPLOYMENT = [
 ]
 
 
-CASES = LOADERS + DATA + MODELS + SETTINGS + CALIBRATION + MISUSE + SAVE_LOAD + GMM + STATISTICS + PURIFICATION
+CASES = LOADERS + FILES + DATA + MODELS + SETTINGS + CALIBRATION + MISUSE + SAVE_LOAD + GMM + STATISTICS + PURIFICATION
 CASES += CONCURRENCY + DEPLOYMENT
 
 

@@ -58,7 +58,10 @@ def load_model(
     no pickled code runs). A TorchScript model must return ``(logits, features)``; its features are hooked.
     """
     if torchscript is not None:
-        scripted = torch.jit.load(torchscript, map_location="cpu")
+        try:
+            scripted = torch.jit.load(torchscript, map_location="cpu")
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{torchscript} is not a readable TorchScript file: {str(exc).splitlines()[0]}") from None
         return _ScriptedWithFeatures(scripted).eval(), "features"
     if model is None:
         raise ValueError("give --model module:factory (with --weights) or --torchscript FILE")
@@ -66,13 +69,26 @@ def load_model(
     if not isinstance(net, nn.Module):
         raise TypeError(f"{model} returned a {type(net).__name__}, not an nn.Module")
     if weights is not None:
-        if str(weights).endswith(".safetensors"):
-            from safetensors.torch import load_file
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"no such weights file: {weights}")
+        try:
+            if str(weights).endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+                state = load_file(weights)
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # safetensors, zip and unpickler errors have no common base; none ran code
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"{weights} is not a readable state dict (tensors only, no pickled code): {first}"
+            ) from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        net.load_state_dict(state)
+        if not isinstance(state, dict):
+            raise ValueError(f"{weights} holds a {type(state).__name__}, not a state dict of tensors")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"the weights in {weights} do not fit {model}: {exc}") from None
     return net.eval(), None

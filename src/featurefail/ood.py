@@ -22,6 +22,10 @@ def gaussian_noise(reference: torch.Tensor, n: int, seed: int = 0) -> torch.Tens
     Returns:
         ``(n, *reference.shape[1:])`` float32 tensor.
     """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if reference.ndim < 2 or reference.shape[0] == 0:
+        raise ValueError(f"reference must be a non-empty batch (N, ...), got shape {tuple(reference.shape)}")
     ref = reference.float()
     dims = [0, *range(2, ref.ndim)] if ref.ndim > 2 else [0]
     mean = ref.mean(dim=dims, keepdim=True)[0]
@@ -33,6 +37,8 @@ def gaussian_noise(reference: torch.Tensor, n: int, seed: int = 0) -> torch.Tens
 
 def uniform_noise(shape: tuple[int, ...], n: int, seed: int = 0) -> torch.Tensor:
     """``n`` images of uniform noise in [0, 1] with per-sample shape ``shape``: ``(n, *shape)``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     g = torch.Generator().manual_seed(seed)
     return torch.rand((n, *shape), generator=g)
 
@@ -57,11 +63,24 @@ class NpzImages:
     def __init__(
         self, path: str | Path, size: int | None = None, channels: int | None = None, limit: int | None = None
     ) -> None:
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except ValueError as exc:  # numpy calls any non-zip file "pickled data"; nothing is unpickled here
+            raise ValueError(f"{path} is not a readable .npz file of images: {exc}") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds a single array, not an .npz file with an array 'x' (and 'y')")
+        with data:
             if "x" not in data:
                 raise ValueError(f"{path} has no array 'x' (found {sorted(data.files)})")
-            x = data["x"][:limit]
-            y = data["y"][:limit] if "y" in data else None
+            try:
+                x = data["x"][:limit]
+                y = data["y"][:limit] if "y" in data else None
+            except ValueError as exc:  # object arrays, refused without pickle
+                raise ValueError(f"{path} is not a readable .npz file of images: {exc}") from None
+        if y is not None and (y.ndim != 1 or len(y) != len(x)):
+            raise ValueError(f"{path}: y must hold one label per image, got shape {y.shape} for {len(x)} images")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError(f"{path}: x holds NaN or infinite values")
         if x.ndim == 3:
             x = x[..., None]
         if x.ndim != 4:
@@ -81,6 +100,10 @@ class NpzImages:
 
 def to_format(images: torch.Tensor, size: int | None = None, channels: int | None = None) -> torch.Tensor:
     """Resize ``(N, C, H, W)`` images to ``size × size`` and repeat/average channels to ``channels``."""
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if channels is not None and channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
     if channels is not None and channels != images.shape[1]:
         if images.shape[1] == 1:
             images = images.repeat(1, channels, 1, 1)
