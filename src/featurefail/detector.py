@@ -27,6 +27,7 @@ from .config import DEFAULT_DETECTOR, PAPER_DETECTOR, DetectorConfig, build_conf
 from .distributed import (
     all_gather_rows,
     extract_shard,
+    is_distributed,
     require_distributable,
     require_identical,
     run_on_rank_zero,
@@ -543,11 +544,12 @@ class FailureDetector:
         from .persistence import save_detector
 
         fitted = self._state()
-        calibration = json.dumps(self.calibration_.as_dict() if self.calibration_ else None, sort_keys=True)
-        require_identical(
-            {**fitted.scorer.state_dict(), "threshold": self.threshold_, "calibration": calibration},
-            "the fitted detector",
-        )
+        if is_distributed():
+            calibration = json.dumps(self.calibration_.as_dict() if self.calibration_ else None, sort_keys=True)
+            require_identical(
+                {**fitted.scorer.state_dict(), "threshold": self.threshold_, "calibration": calibration},
+                "the fitted detector",
+            )
         run_on_rank_zero(lambda: save_detector(self, fitted, path))
 
     @classmethod
