@@ -109,26 +109,26 @@ def _tokens(n: int) -> dict[str, torch.Tensor]:
 
 
 ZOO = [
-    Arch("resnet18", "torchvision", _tv("resnet18"), _images(64), ["fc"], _images(96)),
-    Arch("mobilenet_v3_small", "torchvision", _tv("mobilenet_v3_small"), _images(64), ["classifier.3"], _images(96)),
-    Arch("efficientnet_b0", "torchvision", _tv("efficientnet_b0"), _images(64), ["classifier.1"], _images(96)),
-    Arch("convnext_tiny", "torchvision", _tv("convnext_tiny"), _images(64), ["classifier.2"], _images(96)),
-    Arch("swin_t", "torchvision", _tv("swin_t"), _images(64), ["head"], _images(96)),
+    Arch("resnet18", "torchvision", _tv("resnet18"), _images(64), ["fc"], _images(80)),
+    Arch("mobilenet_v3_small", "torchvision", _tv("mobilenet_v3_small"), _images(64), ["classifier.3"], _images(80)),
+    Arch("efficientnet_b0", "torchvision", _tv("efficientnet_b0"), _images(64), ["classifier.1"], _images(80)),
+    Arch("convnext_tiny", "torchvision", _tv("convnext_tiny"), _images(64), ["classifier.2"], _images(80)),
+    Arch("swin_t", "torchvision", _tv("swin_t"), _images(64), ["head"], _images(80)),
     Arch("vit_b_16", "torchvision", _tv("vit_b_16", image_size=64), _images(64), ["heads.head"]),
-    Arch("densenet121", "torchvision", _tv("densenet121"), _images(64), ["classifier"], _images(96)),
-    Arch("vgg11", "torchvision", _tv("vgg11"), _images(64), ["classifier.6"], _images(96)),
+    Arch("densenet121", "torchvision", _tv("densenet121"), _images(64), ["classifier"], _images(80)),
+    Arch("vgg11", "torchvision", _tv("vgg11"), _images(64), ["classifier.6"], _images(80)),
     Arch(
         "googlenet",
         "torchvision",
         _tv("googlenet", aux_logits=False, init_weights=True),
         _images(64),
         ["fc"],
-        _images(96),
+        _images(80),
     ),
-    Arch("resnet18", "timm", _timm("resnet18"), _images(64), ["fc"], _images(96)),
-    Arch("mobilenetv3_small_100", "timm", _timm("mobilenetv3_small_100"), _images(64), ["classifier"], _images(96)),
-    Arch("efficientnet_b0", "timm", _timm("efficientnet_b0"), _images(64), ["classifier"], _images(96)),
-    Arch("convnext_atto", "timm", _timm("convnext_atto"), _images(64), ["head.fc"], _images(96)),
+    Arch("resnet18", "timm", _timm("resnet18"), _images(64), ["fc"], _images(80)),
+    Arch("mobilenetv3_small_100", "timm", _timm("mobilenetv3_small_100"), _images(64), ["classifier"], _images(80)),
+    Arch("efficientnet_b0", "timm", _timm("efficientnet_b0"), _images(64), ["classifier"], _images(80)),
+    Arch("convnext_atto", "timm", _timm("convnext_atto"), _images(64), ["head.fc"], _images(80)),
     Arch("swin_tiny_patch4_window7_224", "timm", _timm("swin_tiny_patch4_window7_224"), _images(224), ["head.fc"]),
     Arch("vit_tiny_patch16_224", "timm", _timm("vit_tiny_patch16_224", img_size=64), _images(64), ["head"]),
     Arch(
@@ -138,8 +138,8 @@ ZOO = [
         _images(64),
         ["head", "head_dist"],
     ),
-    Arch("densenet121", "timm", _timm("densenet121"), _images(64), ["classifier"], _images(96)),
-    Arch("vgg11", "timm", _timm("vgg11"), _images(64), ["head.fc"], _images(96)),
+    Arch("densenet121", "timm", _timm("densenet121"), _images(64), ["classifier"], _images(80)),
+    Arch("vgg11", "timm", _timm("vgg11"), _images(64), ["head.fc"], _images(80)),
     Arch("ViTForImageClassification (tiny)", "transformers", _hf_vit, _images(32), ["classifier"]),
     Arch("BertForSequenceClassification (tiny)", "transformers", _hf_bert, _tokens, ["classifier"]),
 ]
@@ -165,21 +165,6 @@ def _head_inputs(model: nn.Module, names: list[str], x: Any) -> torch.Tensor:
     return torch.cat(got, dim=1)
 
 
-def _channel_count(model: nn.Module, spec: str, x: Any) -> int:
-    """The channel count of a captured module's output, read off the activation by its layout."""
-    (capture,) = parse_layer(spec)
-    got: list[torch.Tensor] = []
-    module = dict(model.named_modules())[capture.name]
-    handle = module.register_forward_hook(lambda m, a, o: got.append(o if isinstance(o, torch.Tensor) else o[0]))
-    try:
-        with torch.no_grad():
-            _call(model, x)
-    finally:
-        handle.remove()
-    t = got[capture.call or 0]
-    return int(t.shape[1] if capture.layout == "channels_first" else t.shape[-1])
-
-
 def _case(arch: Arch):
     why = _WHY_NOT[arch.package]
     marks = [pytest.mark.skip(reason=f"{arch.package} does not import here: {why}")] if why else []
@@ -191,19 +176,20 @@ def test_zoo_head_layers_and_deployment(arch: Arch):
     torch.manual_seed(0)
     model = arch.build().eval()
     x = arch.example(2)
-    with FeatureHook(model) as hook, torch.no_grad():
+    with FeatureHook(model, layer="auto") as hook, torch.no_grad():
         feats, logits = hook(x)
     assert hook.heads == arch.heads
-    torch.testing.assert_close(feats, _head_inputs(model, arch.heads, x))
+    width0 = hook.block_sizes[0]
+    torch.testing.assert_close(feats[:, :width0], _head_inputs(model, arch.heads, x))
     weight, bias = hook.head_linear()
-    torch.testing.assert_close(feats @ weight.T + bias, logits, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(feats[:, :width0] @ weight.T + bias, logits, rtol=1e-3, atol=1e-4)
 
-    layers = auto_layers(model, x)
-    with FeatureHook(model, layer=layers) as auto, torch.no_grad():
-        auto_feats, _ = auto(x)
-    assert auto.block_sizes[0] == feats.shape[1]
-    for spec, width in zip(layers[1:], auto.block_sizes[1:], strict=True):
-        assert width == _channel_count(model, spec, x) >= 16, (spec, width)  # a channel count, never H or W
+    layers = hook.resolved_layers
+    plan = describe(model, x, layer=layers)  # the raw activation shapes, read before pooling
+    for spec, block in zip(layers[1:], plan.blocks[1:], strict=True):
+        (shape,) = block.shape
+        channels = shape[0] if block.layout == "channels_first" else shape[-1]
+        assert block.width == channels >= 16, (spec, block)  # a channel count, never H or W
     chosen = [parse_layer(s)[0].name for s in layers[1:]]
     for a in chosen:
         for b in chosen + arch.heads:
@@ -211,11 +197,11 @@ def test_zoo_head_layers_and_deployment(arch: Arch):
     if arch.other_size is not None:
         assert auto_layers(model, arch.other_size(2)) == layers
 
-    extractor = feature_extractor(model, layers, example=x)
+    extractor = feature_extractor(model, layers)  # the plan resolved above: no probe pass
     with torch.no_grad():
         _, acts = _call(extractor, x)
     deployed = torch.cat([pool_features(a, "avg", lay) for a, lay in zip(acts, extractor.layouts, strict=True)], 1)
-    torch.testing.assert_close(deployed, auto_feats, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(deployed, feats, rtol=1e-4, atol=1e-4)
     assert not any(m._forward_hooks for m in model.modules())
 
 
