@@ -63,7 +63,15 @@ CASES: dict[str, tuple[dict, float]] = {
     "max_softmax": ({"scorer": "max_softmax"}, 1e-4),
     "max_logit": ({"scorer": "max_logit"}, 1e-4),
 }
-THREE_RANK_CASES = ("default_l2_auto", "gmm_pca", "mahalanobis_layers", "zheng_hong", "fused", "temperature")
+THREE_RANK_CASES = (
+    "default_l2_auto",
+    "gmm_pca",
+    "mahalanobis_layers",
+    "mahalanobis_auto_eps",
+    "zheng_hong",
+    "fused",
+    "temperature",
+)
 
 
 def _free_port() -> int:

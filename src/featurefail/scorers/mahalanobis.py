@@ -153,7 +153,7 @@ class Mahalanobis(Scorer):
 
     def _score_inputs(self, features: Features, eps: float) -> torch.Tensor:
         g = self.gaussians_
-        if eps == 0.0:
+        if eps == 0.0 or len(features) == 0:  # no row (a rank's empty shard): no forward pass
             return -0.5 * g.squared_distances(features.feats).min(dim=1).values
         if features.inputs is None:
             raise ValueError("Mahalanobis preprocessing needs the inputs (features.inputs)")
