@@ -110,6 +110,8 @@ class _PCAWhiten(FeatureTransform):
             cov = centred.T @ centred / f.shape[0]
         eigvals, eigvecs = torch.linalg.eigh(cov)
         eigvals, eigvecs = eigvals.flip(0).clamp_min(0.0), eigvecs.flip(1)
+        if not eigvals[0] > 0:
+            raise ValueError("the features are constant: PCA whitening has no direction of variance to keep")
         share = torch.cumsum(eigvals, 0) / eigvals.sum().clamp_min(1e-300)
         keep = int(torch.searchsorted(share, torch.tensor(self.kept, dtype=torch.float64)).item()) + 1
         keep = max(1, min(keep, int((eigvals > 1e-12 * eigvals[0]).sum())))
