@@ -101,3 +101,20 @@ def test_architecture_page_example_runs_and_is_the_one_shown():
     shown = example[example.index("from typing import Annotated") : example.index('\n\nif __name__ == "__main__":')]
     assert shown in page
     runpy.run_path(str(root / "examples" / "custom_scorer.py"), run_name="__main__")
+
+
+def test_describe_shows_what_fit_will_hook_before_fitting():
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    ).train()
+    x = torch.rand(4, 3, 16, 16)
+    plan = FailureDetector().describe(model, x[:2])
+    assert model.training and all(m.training for m in model.modules())  # the user's mode is left as it was
+    assert plan.heads == ("6",) and plan.n_classes == 4 and plan.widths[0] == 16
+    fitted = FailureDetector(n_components=2, progress=False).fit(model, [x, x])
+    assert list(plan.layers) == fitted.layers_ and sum(plan.widths) == fitted.n_features_
+    assert "head input" in str(plan)
+    assert FailureDetector.paper().describe(model, x[:2]).widths == (16,)

@@ -36,7 +36,7 @@ from .distributed import (
 )
 from .exceptions import NotFittedError
 from .features import Features, extract_features, iter_batches, n_rows
-from .hooks import FeatureHook
+from .hooks import FeatureHook, HookPlan, describe
 from .scorers.base import ModelContext, Scorer, scorer_class
 from .scorers.per_layer import PerLayer
 from .threshold import ThresholdResult, calibrate_threshold, parse_strategy
@@ -207,6 +207,13 @@ class FailureDetector:
         if self.model_ is None:
             raise RuntimeError("no model is attached; pass model= to FailureDetector.load or call fit")
         return self.model_
+
+    def describe(self, model: nn.Module, example: Any) -> HookPlan:
+        """What :meth:`fit` would hook on ``model``, from one forward pass on ``example`` (a small batch), before
+        any fitting: the head(s), every layer block's module(s), capture side, layout and width. The model is left
+        as it was. ``print(detector.describe(model, x[:2]))`` shows a table."""
+        pool = None if self.config.pool == "none" else self.config.pool
+        return describe(model, example, layer=self.config.layer, output_fn=self.output_fn, pool=pool)
 
     def features(self, x: Any, *, batch_fn: Callable | None = None) -> Features:
         """Features of inputs: a tensor batch ``(N, ...)`` (scored in batches) or an iterable of batches."""
