@@ -11,17 +11,21 @@ import torch
 from .._tensor import as_2d_tensor, count_nonfinite_rows
 from .distributed import all_gather_rows, all_reduce_, distributed_info, row_offset
 from .kernels import augmented_features, column_scale
+from .memmap import MemmapRows, file_backed
 
 __all__ = ["FitData", "auto_chunk_size"]
 
 _STATS_ROWS = 65536
 _CPU_CHUNK_BYTES = 64 * 2**20
+_MEMMAP_BLOCK_BYTES = 64 * 2**20
 _CUDA_CHUNK_FRACTION = 0.25
 _CUDA_CHUNK_MAX_BYTES = 4 * 2**30
 
 
 class FitData:
-    """Training rows as centred ``[x, x²]`` chunks on the compute device, from a tensor or a re-iterable.
+    """Training rows as centred ``[x, x²]`` chunks on the compute device.
+
+    From a tensor, an array, a file-backed ``np.memmap`` (read in blocks, never whole) or a re-iterable.
 
     One pass at construction counts rows, validates them and computes the (all-reduced) mean and variance.
     EM works in the coordinates ``(x − mean) / scale`` (``scale``: per-column powers of two, see
@@ -29,6 +33,8 @@ class FitData:
     """
 
     def __init__(self, X: Any, device: torch.device | None, dtype: torch.dtype, chunk_size: int | None, k: int):
+        if file_backed(X):  # np.load(path, mmap_mode="r"): streamed from the file, never loaded whole
+            X = MemmapRows(X, chunk_size or max(256, _MEMMAP_BLOCK_BYTES // (X.shape[1] * X.dtype.itemsize or 1)))
         if isinstance(X, torch.Tensor | np.ndarray):
             if distributed_info()[0] and X.ndim == 2 and X.shape[0] == 0:  # an empty shard: the others hold rows
                 X = torch.as_tensor(X)
@@ -161,6 +167,8 @@ class FitData:
             return torch.zeros(0, d, dtype=self.dtype, device=self.device)
         if self._prepared is not None:
             return self._prepared[idx.to(self.device), :d]
+        if isinstance(self._source, MemmapRows):
+            return self.present(self._source.take(idx).to(self.device, self.dtype))
         parts, offset, pos = [], 0, 0
         for raw in self._raw_chunks():
             hi = offset + raw.shape[0]
