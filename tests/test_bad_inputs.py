@@ -1133,8 +1133,6 @@ GMM = [
         "gmm/features of scale 1e30",
         lambda e: _tiny_variance(1e30, False),
         lambda r, e: bool(torch.isfinite(r).all()),
-        xfail="gmm owner: DiagonalGMM(2, random_state=0).fit(torch.randn(300, 4) * 1e30) raises UnboundLocalError "
-        "('centers') in gmm/initialisation.py (working tree at 14:20)",
     ),
     ok(
         "gmm/3 distinct rows for 5 components",
