@@ -315,3 +315,29 @@ class Output:
     def __init__(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         self.logits = logits
         self.hidden = hidden
+
+
+class Inception(nn.Module):
+    """Branches concatenated on the channel axis: the block's output width is none of its convolutions'."""
+
+    def __init__(self, c_in: int, c: int) -> None:
+        super().__init__()
+        self.branch1 = nn.Conv2d(c_in, c, 1)
+        self.branch2 = nn.Sequential(nn.Conv2d(c_in, c, 1), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch2(x)], 1)
+
+
+class TinyInception(nn.Module):
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.inception1 = Inception(8, 6)
+        self.pool = nn.MaxPool2d(2)
+        self.inception2 = Inception(12, 10)
+        self.fc = nn.Linear(20, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inception2(self.pool(self.inception1(F.relu(self.stem(x)))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))

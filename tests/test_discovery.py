@@ -19,6 +19,7 @@ from models import (
     EarlyAuxHead,
     FunctionalHead,
     SharedBlock,
+    TinyInception,
     TinyResNet,
     TinySwin,
     TinyTextClassifier,
@@ -71,6 +72,7 @@ CASES = [
     (TinySwin, torch.randn(4, 3, 32, 32), ["head"], (32, 16, 8)),
     (TinyVGG, torch.randn(4, 3, 32, 32), ["classifier.3"], (20, 16, 12)),
     (TinyResNet, torch.randn(4, 1, 8, 8), ["head"], (8,)),
+    (TinyInception, torch.randn(4, 3, 16, 16), ["fc"], (20, 12)),
 ]
 
 

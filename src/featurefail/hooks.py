@@ -382,6 +382,10 @@ def _relate(t: torch.Tensor, ref: _Call) -> str | None:
         return None
     if t.shape == ref.out.shape:
         return ref.layout
+    if ref.layout == "channels_first" and t.ndim >= 4 and t.shape[2:] == ref.out.shape[2:]:
+        return "channels_first"  # the same map with other channels: a concatenation (Inception, DenseNet)
+    if ref.layout == "channels_last" and t.ndim >= 4 and t.shape[1:-1] == ref.out.shape[1:-1]:
+        return "channels_last"
     first, last = t.shape[1], t.shape[-1]
     if first == ref.channels and last != ref.channels:
         return "channels_first"
