@@ -84,6 +84,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .hooks import describe
+    from .loading import load_model
+
+    model, hooked = load_model(args.model, args.weights, args.torchscript)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--input-shape needs integers such as 3,32,32, got {args.input_shape!r}") from None
+    generator = torch.Generator().manual_seed(0)
+    if args.vocab_size:
+        example = torch.randint(0, args.vocab_size, (2, *shape), generator=generator)
+    else:
+        example = torch.randn(2, *shape, generator=generator)
+    layer = args.layer if args.layer is not None else hooked if hooked is not None else "auto"
+    if isinstance(layer, str) and layer.lower() == "none":
+        layer = None
+    print(describe(model, example, layer=layer))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featurefail",
@@ -168,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model is)")
     ev.add_argument("--out", default="featurefail-report", help="output folder (default: %(default)s)")
     ev.set_defaults(func=_evaluate)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="show what the detector would hook on your model: head, layers, capture side, layouts, widths",
+        description="Run one forward pass of YOUR classifier on a random batch of two inputs and print the head "
+        "found from the logits and the feature blocks that layer= selects, before any fitting.",
+        epilog="example: featurefail inspect --model net.py:make_model --input-shape 3,32,32",
+    )
+    ins_src = ins.add_argument_group("model (one of)")
+    ins_src.add_argument("--model", help="'package.module:factory' or 'file.py:factory' returning the nn.Module")
+    ins_src.add_argument("--weights", help="state dict for --model (.pt read with weights_only=True, or .safetensors)")
+    ins_src.add_argument("--torchscript", help="a TorchScript file whose forward returns (logits, features)")
+    ins.add_argument("--input-shape", required=True, help="one input without the batch axis, e.g. 3,32,32")
+    ins.add_argument(
+        "--vocab-size", type=int, default=0, help="integer token inputs in [0, VOCAB) instead of Gaussian noise"
+    )
+    ins.add_argument("--layer", default=None, help="layer= setting to show (default: auto; 'none' = the head's input)")
+    ins.set_defaults(func=_inspect)
     return parser
 
 
