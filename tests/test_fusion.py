@@ -166,3 +166,16 @@ def test_detector_save_load_and_as_module_are_exact(combine, tmp_path):
     module = back.scorer_.as_module()
     f = back.features(x[360:])
     torch.testing.assert_close(module(f.feats, f.logits).float(), scores, rtol=0, atol=0)
+
+
+def test_with_combine_equals_a_fit_with_that_rule():
+    train, test = _features(400, seed=4, blocks=(4, 2)), _features(50, seed=5, blocks=(4, 2))
+    fisher = build_scorer("conformal_fusion", {"n_components": 2}).fit(train)
+    for rule in COMBINE_RULES:
+        direct = build_scorer("conformal_fusion", {"n_components": 2, "combine": rule}).fit(train)
+        swapped = fisher.with_combine(rule)
+        assert swapped.get_params() == direct.get_params()
+        torch.testing.assert_close(swapped.score(test), direct.score(test), rtol=0, atol=0)
+    assert fisher.combine == "fisher"
+    with pytest.raises(ValueError, match="combine"):
+        fisher.with_combine("max")

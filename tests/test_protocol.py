@@ -145,3 +145,16 @@ def test_unknown_stream_source_is_refused_and_cache_keeps_normals(tmp_path):
     back = EvalData.load(data.save(tmp_path / "d.safetensors"))
     assert torch.equal(back.sources[2].normals.feats, data.sources[2].normals.feats)
     assert back.sources[1].normals is None
+
+
+def test_derived_rows_score_the_fitted_detector_without_a_refit():
+    FITTED.clear()
+    data = _data(5)
+    negated = {"spy negated": ("protocol_spy", lambda det: lambda f: -det.score_features(f))}
+    result = evaluate_features(data, scorers=["protocol_spy"], seeds=[0], derived=negated)
+    assert len(FITTED) == 2  # one fit + one fit_validation: the derived row refits nothing
+    by = {(r.scorer, r.source): r.auroc for r in result.rows}
+    for src in data.sources:
+        assert by[("spy negated", src.name)] == pytest.approx(1 - by[("protocol_spy", src.name)])
+    with pytest.raises(ValueError, match="derived row"):
+        evaluate_features(data, scorers=["max_softmax"], derived=negated)

@@ -528,6 +528,55 @@ def _stream(
     return torch.cat(normal), torch.cat(failed)
 
 
+def _score_row(
+    name: str,
+    score: Callable[[Features], torch.Tensor],
+    data: EvalData,
+    seed: int,
+    first_seed: int,
+    streams: Mapping[str, list[str]],
+    coverage: float,
+    result: EvalResult,
+    per_seed: dict[tuple[str, str], list[tuple[float, float, float, float]]],
+    per_stream: dict[tuple[str, str], list[tuple[float, float, float]]],
+) -> None:
+    """Score every source and stream of ``data`` with one fitted row; append the metrics of this seed."""
+    correct = data.test.correct
+    s_test = score(data.test)
+    if seed == first_seed and (~correct).any() and correct.any():
+        mw = mann_whitney(s_test[correct], s_test[~correct])
+        result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
+    scored: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    for src in data.sources:
+        own = None if src.normals is None else score(src.normals)
+        normal = s_test[src.normal_mask] if own is None else own
+        failed = score(src.failures)
+        if src.kind != "mistakes":
+            scored[src.name] = (own, failed)
+        per_seed.setdefault((name, src.name), []).append(
+            (
+                metrics.auroc(normal, failed),
+                metrics.aupr_in(normal, failed),
+                metrics.aupr_out(normal, failed),
+                metrics.fpr_at_tpr(normal, failed, 0.95),
+            )
+        )
+        if seed == first_seed:
+            result.scores.setdefault(src.name, {})[name] = (normal.numpy(), failed.numpy())
+    for stream, names in streams.items():
+        normal, failed = _stream(s_test, correct, {n: scored[n] for n in names if n in scored})
+        per_stream.setdefault((name, stream), []).append(
+            (
+                metrics.aurc(normal, failed),
+                metrics.eaurc(normal, failed),
+                metrics.risk_at_coverage(normal, failed, coverage),
+            )
+        )
+        if seed == first_seed:
+            result.stream_scores.setdefault(stream, {})[name] = (normal.numpy(), failed.numpy())
+            result.stream_sizes[stream] = (len(normal) + len(failed), len(failed))
+
+
 def evaluate_features(
     data: EvalData,
     *,
@@ -537,6 +586,7 @@ def evaluate_features(
     model: nn.Module | None = None,
     streams: Mapping[str, Sequence[str]] | None = None,
     coverage: float = 0.8,
+    derived: Mapping[str, tuple[str, Callable[[FailureDetector], Callable[[Features], torch.Tensor]]]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Build every row's detector, fit it with :func:`fit_detector` on ``data.fit_data()`` (training and
@@ -547,10 +597,18 @@ def evaluate_features(
     ``streams``: name -> source names; each stream is the clean test set mixed with those sources (a source of
     kind ``"mistakes"`` adds nothing: the clean test set is always in), scored per row by AURC, E-AURC and the
     selective risk at ``coverage`` (:class:`HolisticRow`, in ``EvalResult.holistic``).
+
+    ``derived``: extra rows scored from a fitted row without refitting: label -> ``(row name, make)``, where
+    ``make(fitted detector)`` returns a function ``Features -> (N,) scores`` (e.g. another combination rule of
+    the same fitted fusion).
     """
     say = progress or (lambda message: None)
     options = {k: dict(v) for k, v in (scorer_options or {}).items()}
     streams = {k: list(v) for k, v in (streams or {}).items()}
+    derived = dict(derived or {})
+    bad = [label for label, (base, _) in derived.items() if base not in scorers or label in scorers]
+    if bad:
+        raise ValueError(f"derived row {bad[0]!r} must name a fitted row and not repeat a row name")
     known = {src.name for src in data.sources}
     for stream, names in streams.items():
         missing = [n for n in names if n not in known]
@@ -566,41 +624,13 @@ def evaluate_features(
             blocks = _blocks_for(detector_for(name, options.get(name), seed), data)
             sub = data if blocks == list(range(len(data.layers or [None]))) else data.select_blocks(blocks)
             detector = fit_detector(name, sub.fit_data(), options=options.get(name), seed=seed, model=model)
-            s_test = detector.score_features(sub.test)
-            if seed == seeds[0] and (~correct).any() and correct.any():
-                mw = mann_whitney(s_test[correct], s_test[~correct])
-                result.mann_whitney[name] = {"statistic": mw.statistic, "pvalue": mw.pvalue, "auroc": mw.auroc}
-            scored: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
-            for src in sub.sources:
-                own = None if src.normals is None else detector.score_features(src.normals)
-                normal = s_test[src.normal_mask] if own is None else own
-                failed = detector.score_features(src.failures)
-                if src.kind != "mistakes":
-                    scored[src.name] = (own, failed)
-                per_seed.setdefault((name, src.name), []).append(
-                    (
-                        metrics.auroc(normal, failed),
-                        metrics.aupr_in(normal, failed),
-                        metrics.aupr_out(normal, failed),
-                        metrics.fpr_at_tpr(normal, failed, 0.95),
-                    )
-                )
-                if seed == seeds[0]:
-                    result.scores.setdefault(src.name, {})[name] = (normal.numpy(), failed.numpy())
-            for stream, names in streams.items():
-                normal, failed = _stream(s_test, correct, {n: scored[n] for n in names if n in scored})
-                per_stream.setdefault((name, stream), []).append(
-                    (
-                        metrics.aurc(normal, failed),
-                        metrics.eaurc(normal, failed),
-                        metrics.risk_at_coverage(normal, failed, coverage),
-                    )
-                )
-                if seed == seeds[0]:
-                    result.stream_scores.setdefault(stream, {})[name] = (normal.numpy(), failed.numpy())
-                    result.stream_sizes[stream] = (len(normal) + len(failed), len(failed))
+            rows = [(name, detector.score_features)]
+            rows += [(label, make(detector)) for label, (base, make) in derived.items() if base == name]
+            for row, score in rows:
+                _score_row(row, score, sub, seed, seeds[0], streams, coverage, result, per_seed, per_stream)
+    names = list(scorers) + list(derived)
     for src in data.sources:
-        for name in scorers:
+        for name in names:
             values = np.asarray(per_seed[(name, src.name)])
             mean, std = values.mean(0), values.std(0)
             result.rows.append(
@@ -622,7 +652,7 @@ def evaluate_features(
                 )
             )
     for stream in streams:
-        for name in scorers:
+        for name in names:
             values = np.asarray(per_stream[(name, stream)])
             mean, std = values.mean(0), values.std(0)
             n, n_failure = result.stream_sizes[stream]
@@ -706,11 +736,23 @@ def evaluate(
 
 
 def _assert_preprocessing_fitted_on_train(seen: list[torch.Tensor], f_train: Features, scorer: str) -> None:
-    """Every feature preprocessing was fitted on exactly the training features (all of them, or one layer
-    block of them) — so never on a validation, test, adversarial or OOD row."""
+    """Every feature preprocessing was fitted on training rows only (all of them or a subset, all columns or
+    one layer block) — so never on a validation, test, adversarial or OOD row."""
     candidates = [f_train.feats] + [f_train.feats[:, cols] for cols in f_train.block_slices()]
+    known: dict[int, set[bytes]] = {}
     for feats in seen:
-        assert any(feats.shape == c.shape and torch.equal(feats.to(c.dtype), c) for c in candidates), (
+        ok = False
+        for i, c in enumerate(candidates):
+            if feats.shape[1:] != c.shape[1:] or len(feats) > len(c):
+                continue
+            if feats.shape == c.shape and torch.equal(feats.to(c.dtype), c):
+                ok = True
+                break
+            rows = known.setdefault(i, {r.tobytes() for r in c.contiguous().numpy()})
+            if all(r.tobytes() in rows for r in feats.to(c.dtype).contiguous().numpy()):
+                ok = True
+                break
+        assert ok, (
             f"scorer {scorer!r} fitted a feature preprocessing on {tuple(feats.shape)} features that are not the "
             "training features"
         )

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ..features import Features
-from .base import Scorer, check_features, register_scorer
+from .base import Scorer, build_scorer, check_features, register_scorer
 from .gmm import GMMScorer
 from .mahalanobis import TiedGaussians
 from .per_layer import PerLayer
@@ -306,6 +306,20 @@ class ConformalFusion(Scorer):
             components.append(ClassMahalanobisModule(maha.means, maha.precision))
         calibration = [getattr(self.module_, f"calibration{i}") for i in range(len(components))]
         return ConformalFusionModule(components, calibration, self.combine)
+
+    def with_combine(self, combine: str) -> ConformalFusion:
+        """A fitted copy that combines the same p-values (same components, same calibration) by another rule —
+        the rule plays no part in fitting, so comparing rules needs no refit."""
+        self.check_fitted()
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+        other = build_scorer(self.name, {**self.get_params(), "combine": combine})
+        other.density_, other.blocks_ = self.density_, self.blocks_
+        calibration = [getattr(self.module_, f"calibration{i}") for i in range(len(self.components_))]
+        other.module_ = ConformalFusionModule(list(self.module_.components), calibration, combine)
+        other.components_, other.calibrated_on_ = list(self.components_), self.calibrated_on_
+        other.n_calibration_ = self.n_calibration_
+        return other
 
     # ---- state ------------------------------------------------------------------------------------------------
 
