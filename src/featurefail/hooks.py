@@ -298,6 +298,14 @@ def _forward_note(exc: BaseException, inputs: Any) -> None:
         )
 
 
+def _only(owner: int, hook: Callable) -> Callable:
+    def guarded(*args: Any) -> None:
+        if threading.get_ident() == owner:
+            hook(*args)
+
+    return guarded
+
+
 def _probe(model: nn.Module, inputs: Any, output_fn: Callable[[Any], torch.Tensor]) -> _Trace:
     calls: list[_Call] = []
     open_calls: dict[str, list[_Call]] = {}
@@ -322,20 +330,22 @@ def _probe(model: nn.Module, inputs: Any, output_fn: Callable[[Any], torch.Tenso
         return hook
 
     handles = []
-    try:
-        for name, m in model.named_modules():
-            if name:
-                handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
-                handles.append(m.register_forward_hook(post(name), with_kwargs=True))
-        with torch.no_grad(), eval_mode(model):
-            try:
-                output = call_model(model, inputs)
-            except Exception as exc:
-                _forward_note(exc, inputs)
-                raise
-    finally:
-        for handle in handles:
-            handle.remove()
+    owner = threading.get_ident()
+    with model_lock(model):  # no other hooked pass runs meanwhile; a plain forward of another thread is ignored
+        try:
+            for name, m in model.named_modules():
+                if name:
+                    handles.append(m.register_forward_pre_hook(_only(owner, pre(name)), with_kwargs=True))
+                    handles.append(m.register_forward_hook(_only(owner, post(name)), with_kwargs=True))
+            with torch.no_grad(), eval_mode(model):
+                try:
+                    output = call_model(model, inputs)
+                except Exception as exc:
+                    _forward_note(exc, inputs)
+                    raise
+        finally:
+            for handle in handles:
+                handle.remove()
     logits = output_fn(output)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"output_fn returned a {type(logits).__name__}, not a tensor of logits")
