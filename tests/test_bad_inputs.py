@@ -421,6 +421,30 @@ DATA = [
         ValueError,
         "0 features",
     ),
+    err(
+        "fit_features/head of another width",
+        lambda e: paper().fit_features(torch.randn(40, 4), head=(torch.randn(3, 5), torch.randn(3))),
+        ValueError,
+        r"head must be weight \(C, 4\) and bias \(C,\)",
+    ),
+    err(
+        "fit_features/head not a pair",
+        lambda e: paper().fit_features(torch.randn(40, 4), head=torch.randn(3, 4)),
+        TypeError,
+        "head must be a pair of tensors",
+    ),
+    err(
+        "fit_features/head with NaN",
+        lambda e: paper().fit_features(torch.randn(40, 4), head=(torch.full((3, 4), NAN), torch.zeros(3))),
+        ValueError,
+        "head's weight or bias holds NaN",
+    ),
+    err(
+        "fit_features/model not an nn.Module",
+        lambda e: paper().fit_features(torch.randn(40, 4), model="m"),
+        TypeError,
+        "torch.nn.Module, got str",
+    ),
     err("fit_features/a string", lambda e: paper().fit_features("feats.npy"), TypeError, "Features or an"),
     ok(
         "fit_features/a plain tensor",
@@ -856,12 +880,39 @@ def _write(e: SimpleNamespace, name: str, data: bytes) -> Any:
     return path
 
 
+def _round_trip(e: SimpleNamespace, det: FailureDetector) -> bool:
+    path = e.folder / f"round{next(e.counter)}.safetensors"
+    det.save(path)
+    back = load(path, model=e.model)
+    return torch.equal(back.score(e.x), det.score(e.x)) and back.threshold_ == det.threshold_
+
+
 DAMAGED = "has damaged detector metadata"
 SAVE_LOAD = [
     ok(
         "load/round trip is exact",
         lambda e: load(e.file, model=e.model),
         lambda r, e: torch.equal(r.score(e.x), e.det.score(e.x)) and r.threshold_ == e.det.threshold_,
+    ),
+    ok(
+        "load/round trip of the default detector (one mixture per layer)",
+        lambda e: _round_trip(e, e.default),
+        lambda r, e: r,
+    ),
+    ok(
+        "load/round trip of max_logit",
+        lambda e: _round_trip(e, scorer("max_logit").fit(e.model, e.train)),
+        lambda r, e: r,
+    ),
+    ok(
+        "load/round trip of calibrated temperature scaling",
+        lambda e: _round_trip(e, scorer("temperature").fit(e.model, e.train).calibrate(e.val, folds=3)),
+        lambda r, e: r,
+    ),
+    ok(
+        "load/device='cpu' override",
+        lambda e: load(e.file, model=e.model, device="cpu").score(e.x),
+        lambda r, e: torch.equal(r, e.det.score(e.x)),
     ),
     err("load/threshold NaN", lambda e: load(e.tamper({"threshold": "NaN"})), ValueError, "threshold must be a finite"),
     err(
@@ -1276,7 +1327,26 @@ PURIFICATION = [
     err("purify/lr 0", lambda e: e.det.purify(e.x[:5], lr=0.0), ValueError, "finite lr > 0"),
     err("purify/nu -1", lambda e: e.det.purify(e.x[:5], nu=-1.0), ValueError, "finite nu >= 0"),
     err("purify/nu inf", lambda e: e.det.purify(e.x[:5], nu=INF), ValueError, "finite nu >= 0"),
-    err("purify/steps -1", lambda e: e.det.purify(e.x[:5], steps=-1), ValueError, "steps >= 0"),
+    err("purify/steps -1", lambda e: e.det.purify(e.x[:5], steps=-1), ValueError, "steps must be an integer >= 0"),
+    err("purify/batch_size 0", lambda e: e.det.purify(e.x[:5], batch_size=0), ValueError, "batch_size must be"),
+    err("purify/max_halvings -1", lambda e: e.det.purify(e.x[:5], max_halvings=-1), ValueError, "max_halvings"),
+    err("purify/steps 2.5", lambda e: e.det.purify(e.x[:5], steps=2.5), ValueError, "steps must be an integer"),
+    err(
+        "purify/a head returning 1-D logits",
+        lambda e: e.det.purify(e.x[:5], head=lambda f: f[:, 0]),
+        ValueError,
+        r"head must map features \(5, D\) to logits \(5, C\); got \(5,\)",
+    ),
+    ok(
+        "purify/no inputs: an empty result",
+        lambda e: e.det.purify(e.x[:0]),
+        lambda r, e: r.features.shape == (0, 24) and r.logits.shape == (0, 3) and r.predictions.shape == (0,),
+    ),
+    ok(
+        "purify/no features, with history",
+        lambda e: e.det.purify(Features(torch.zeros(0, 24)), steps=3, history=True),
+        lambda r, e: r.bpd_history.shape == (4, 0) and r.finite.shape == (0,),
+    ),
     err(
         "purify/features of the wrong width",
         lambda e: e.det.purify(torch.randn(5, 7), as_features=True),

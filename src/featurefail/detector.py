@@ -290,8 +290,10 @@ class FailureDetector:
             model: the classifier, for scorers that need it (``requires_model``) and for :meth:`score` on inputs.
             head: ``(weight (C, D), bias (C,))`` of the classifier head, for scorers and purification that use it.
         """
-        weight, bias = head if head is not None else (None, None)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         features = _as_features(features)
+        weight, bias = _checked_head(head, features)
         self._commit(self._fit_scorer(self.new_scorer(), features, model, None, weight, bias))
         return self
 
@@ -603,6 +605,24 @@ def _no_array(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         raise TypeError("inputs are a NumPy array; pass a torch tensor, e.g. torch.from_numpy(x).float()")
     return x
+
+
+def _checked_head(head: Any, features: Features) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(weight (C, D_0), bias (C,))`` as given to ``fit_features``, checked against the features' first block."""
+    if head is None:
+        return None, None
+    if not (isinstance(head, tuple | list) and len(head) == 2 and all(isinstance(t, torch.Tensor) for t in head)):
+        raise TypeError("head must be a pair of tensors (weight (C, D), bias (C,))")
+    weight, bias = head
+    width = features.blocks[0] if features.blocks else features.feats.shape[1]
+    if weight.ndim != 2 or weight.shape[1] != width or bias.shape != (weight.shape[0],):
+        raise ValueError(
+            f"head must be weight (C, {width}) and bias (C,) for these features; got weight {tuple(weight.shape)} "
+            f"and bias {tuple(bias.shape)}"
+        )
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise ValueError("the head's weight or bias holds NaN or infinite values")
+    return weight, bias
 
 
 def _as_features(features: Any) -> Features:

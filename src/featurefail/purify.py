@@ -139,19 +139,26 @@ def purify(
     Returns:
         :class:`PurifyResult`.
     """
-    if steps < 0 or not lr > 0 or not nu >= 0 or not math.isfinite(lr) or not math.isfinite(nu):
+    for name, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1), ("max_halvings", max_halvings, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not lr > 0 or not nu >= 0 or not math.isfinite(lr) or not math.isfinite(nu):
         raise ValueError(f"need steps >= 0, finite lr > 0 and finite nu >= 0; got steps={steps}, lr={lr}, nu={nu}")
     density, head, columns = _density_and_head(detector, head)
+    expected = detector.n_features_
     if isinstance(x_or_features, Features):
         feats = x_or_features.feats
     elif as_features:
         feats = torch.as_tensor(x_or_features)
+    elif isinstance(x_or_features, torch.Tensor) and x_or_features.ndim and x_or_features.shape[0] == 0:
+        feats = torch.zeros(0, expected)
     else:
         feats = detector.features(x_or_features).feats
-    expected = detector.n_features_
     if feats.ndim != 2 or feats.shape[1] != expected:
         raise ValueError(f"features must be (N, {expected}), got {tuple(feats.shape)}")
     feats = feats[:, columns]
+    if feats.shape[0] == 0:
+        return _empty_result(head, feats.shape[1], steps if history else None)
     device = next(iter(density.buffers())).device
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("f", "before", "after", "hist", "lg", "lg0", "ok")}
     for ref in torch.split(feats, batch_size):
@@ -160,8 +167,8 @@ def purify(
         ref = torch.where(finite[:, None], ref, torch.zeros_like(ref))
         f, trace = _descend(density, ref, lr, nu, steps, max_halvings)
         with torch.no_grad():
-            out["lg"].append(head(f.float()).float())
-            out["lg0"].append(head(ref.float()).float())
+            out["lg"].append(_logits(head, f))
+            out["lg0"].append(_logits(head, ref))
         out["f"].append(torch.where(finite[:, None], f, torch.full_like(f, math.nan)))
         out["before"].append(trace[0])
         out["after"].append(trace[-1])
@@ -184,6 +191,32 @@ def purify(
         bpd_after=torch.where(finite, torch.cat(out["after"]), nan),
         bpd_history=torch.cat(out["hist"], dim=1) if history else None,
         finite=finite,
+    )
+
+
+def _logits(head: Head, feats: torch.Tensor) -> torch.Tensor:
+    logits = head(feats.float())
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != feats.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"head must map features ({feats.shape[0]}, D) to logits ({feats.shape[0]}, C); got {shape}")
+    return logits.float()
+
+
+def _empty_result(head: Head, width: int, history_steps: int | None) -> PurifyResult:
+    """The result for no rows: every field with 0 rows (logits ``(0, C)`` from the head)."""
+    feats = torch.zeros(0, width, dtype=torch.float64)
+    logits = _logits(head, feats)
+    none = torch.zeros(0, dtype=torch.float64)
+    return PurifyResult(
+        features=feats,
+        logits=logits,
+        predictions=torch.zeros(0, dtype=torch.long),
+        original_predictions=torch.zeros(0, dtype=torch.long),
+        distance=none,
+        bpd_before=none,
+        bpd_after=none,
+        bpd_history=None if history_steps is None else torch.zeros(history_steps + 1, 0, dtype=torch.float64),
+        finite=torch.zeros(0, dtype=torch.bool),
     )
 
 
