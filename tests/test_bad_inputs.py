@@ -880,6 +880,19 @@ def _write(e: SimpleNamespace, name: str, data: bytes) -> Any:
     return path
 
 
+def _zheng_hong_file(e: SimpleNamespace, classes: torch.Tensor) -> Any:
+    """A saved Zheng-Hong detector (per-class mixtures) whose class labels are replaced by ``classes``."""
+    if not hasattr(e, "zheng_hong_file"):
+        det = scorer("zheng_hong", n_components=2).fit(e.model, e.train)
+        e.zheng_hong_file = e.folder / "zheng_hong.safetensors"
+        det.save(e.zheng_hong_file)
+    with safe_open(str(e.zheng_hong_file), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path = e.folder / f"zh{next(e.counter)}.safetensors"
+    save_file(tensors | {"scorer.classes": classes}, str(path), metadata=meta)
+    return load(path, model=e.model)
+
+
 def _round_trip(e: SimpleNamespace, det: FailureDetector) -> bool:
     path = e.folder / f"round{next(e.counter)}.safetensors"
     det.save(path)
@@ -1054,6 +1067,24 @@ SAVE_LOAD = [
         lambda e: load(e.tamper(tensors={"scorer.means": e.tensors["scorer.means"][:, :5]})),
         ValueError,
         "damaged 'gmm' scorer state",
+    ),
+    err(
+        "load/per-class labels NaN",
+        lambda e: _zheng_hong_file(e, torch.tensor([0.0, NAN, 2.0])),
+        ValueError,
+        "classes must be integer labels",
+    ),
+    err(
+        "load/per-class labels repeated",
+        lambda e: _zheng_hong_file(e, torch.tensor([0, 0, 2])),
+        ValueError,
+        "distinct labels >= 0 in ascending order",
+    ),
+    err(
+        "load/per-class labels one too many",
+        lambda e: _zheng_hong_file(e, torch.tensor([0, 1, 2, 3])),
+        ValueError,
+        r"n_classes=3 labels, got shape \(4,\)",
     ),
     err(
         "load/head weights NaN",

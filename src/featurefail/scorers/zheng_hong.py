@@ -111,9 +111,22 @@ class ZhengHong(Scorer):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> ZhengHong:
-        self.classes_ = torch.as_tensor(state["classes"]).long()
-        self.class_gmms_ = []
-        for i in range(int(state["n_classes"])):
+        classes = torch.as_tensor(state["classes"])
+        n_classes = int(state["n_classes"])
+        if classes.shape != (n_classes,) or n_classes < 1:
+            raise ValueError(f"classes must hold n_classes={n_classes} labels, got shape {tuple(classes.shape)}")
+        if classes.is_floating_point() and not bool((torch.isfinite(classes) & (classes == classes.round())).all()):
+            raise ValueError("classes must be integer labels")
+        classes = classes.long()
+        if bool((classes < 0).any()) or not bool((classes[1:] > classes[:-1]).all()):
+            raise ValueError(f"classes must be distinct labels >= 0 in ascending order, got {classes.tolist()[:10]}")
+        gmms = []
+        for i in range(n_classes):
             sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"class{i}.")}
-            self.class_gmms_.append(self.new_mixture(int(sub["n_components"])).load_state_dict(sub))
+            if "n_components" not in sub:
+                raise ValueError(f"the state has no mixture for class {i}")
+            gmms.append(self.new_mixture(int(sub["n_components"])).load_state_dict(sub))
+        if len({g.n_features_in_ for g in gmms}) != 1:
+            raise ValueError("the class mixtures model features of different dimensions")
+        self.classes_, self.class_gmms_ = classes, gmms
         return self
