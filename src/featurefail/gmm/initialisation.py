@@ -2,12 +2,12 @@
 
 ``init="kmeans++"`` (default): Lloyd's k-means on all rows, or on ``max(256 K, 65536)`` uniformly drawn rows
 when there are more (at most 256 MiB of them), measured in the data's units (centred, not column-scaled).
-When ``rows · K · D <= 2³¹`` it is restarted three times and the lowest inertia kept, each run seeded by
+When ``rows · K · D <= 2²⁸`` it is restarted three times and the lowest inertia kept, each run seeded by
 greedy k-means++ (as scikit-learn's ``KMeans``: ``2 + ⌊ln K⌋`` candidates per centre, the one lowering the
 inertia most is kept) on those rows and run to convergence (centre shift below ``1e-4`` of the mean variance,
-at most 100 iterations); otherwise once, seeded on ``16 K`` rows, for at most 10 iterations (each costs about
-one EM iteration). Empty clusters are re-seeded at the rows farthest from their centres. This reaches
-scikit-learn's full-k-means start (issue 19; ``benchmarks/gmm_init_bench.py``).
+at most 100 iterations); otherwise once, seeded by plain k-means++ on ``16 K`` rows, for at most 10
+iterations (each costs about one EM iteration). Empty clusters are re-seeded at the rows farthest from their
+centres. See ``benchmarks/gmm_init_bench.py`` and ``benchmarks/README.md`` for the comparison with scikit-learn.
 
 ``init="kmeans++-fast"``: the previous default, plain k-means++ seeding and five Lloyd steps on ``16 K`` rows.
 ``init="random_from_data"``: ``K`` random rows as means.
@@ -35,7 +35,7 @@ KMEANS_MIN_ROWS = 65536  # KMEANS_MIN_ROWS, at most KMEANS_MAX_BYTES of them)
 KMEANS_MAX_BYTES = 256 * 2**20
 KMEANS_MAX_ITER = 100
 KMEANS_RESTARTS = 3  # seeding + Lloyd restarts (lowest inertia kept) when one run costs at most KMEANS_CHEAP_WORK
-KMEANS_CHEAP_WORK = 2**31  # rows · K · D of the Lloyd sample
+KMEANS_CHEAP_WORK = 2**28  # rows · K · D of the Lloyd sample
 KMEANS_MAX_ITER_LARGE = 10  # Lloyd iterations when a run is not cheap (each costs about one EM iteration)
 KMEANS_TOL = 1e-4  # stop when Σ ||Δ centre||² <= KMEANS_TOL · mean per-dimension variance (scikit-learn's rule)
 
@@ -227,7 +227,8 @@ def initial_parameters(
                 if not cheap and sample.shape[0] > m_seed:
                     seed_rows = sample[torch.randperm(sample.shape[0], generator=generator)[:m_seed].to(dev)]
                 with _one_cpu_thread(dev):
-                    seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=2 + int(math.log(k)))
+                    trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
+                    seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=trials)
                 run_centers, _, inertia = kmeans(sample, seeds, data.chunk_size, max_iter=max_iter)
                 if centers is None or inertia < best:
                     best, centers = inertia, run_centers / metric
