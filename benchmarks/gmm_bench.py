@@ -2,9 +2,9 @@
 
 For each size it reports, in one table:
 
-* whole fit with each library's default initialisation (ours: k-means++ on a subsample + Lloyd steps;
-  scikit-learn: full k-means), wall time, iterations, and the final mean log-likelihood evaluated by the
-  same float64 formula for both;
+* whole fit with each library's default initialisation (ours: greedy k-means++ seeding + Lloyd's k-means on
+  the rows, see ``featurefail.gmm.initialisation``; scikit-learn: full k-means), wall time, iterations, and
+  the final mean log-likelihood evaluated by the same float64 formula for both;
 * time per EM iteration from the same explicit start (difference of two fits with ``tol=0``);
 * on CUDA, the float32 path against a float64 run from the same start after 50 iterations (acceptance 2).
 
