@@ -10,7 +10,8 @@ Usage::
     python benchmarks/overhead_bench.py --device cuda
 
 ``--detector paper`` (default) times the paper's single-layer GMM; ``--detector default`` the
-``FailureDetector()`` defaults (``layer="auto"``: three layers, one L2-normalised mixture each).
+``FailureDetector()`` defaults (``layer="auto"``: three layers, one L2-normalised mixture each);
+``--detector conformal_fusion`` the conformal fusion on the same three layers.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--detector", choices=["paper", "default"], default="paper")
+    parser.add_argument("--detector", choices=["paper", "default", "conformal_fusion"], default="paper")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time both forwards captured in CUDA graphs")
     args = parser.parse_args()
     device = args.device
@@ -90,7 +91,10 @@ def main() -> None:
     print(rule)
     for k in (100, 1000):
         settings = dict(n_components=k, max_iter=5, device=device, progress=False, batch_size=256)
-        det = FailureDetector.paper(**settings) if args.detector == "paper" else FailureDetector(**settings)
+        if args.detector == "conformal_fusion":
+            det = FailureDetector(scorer="conformal_fusion", layer="auto", **settings)
+        else:
+            det = FailureDetector.paper(**settings) if args.detector == "paper" else FailureDetector(**settings)
         det.fit(model, [(fit_x[i : i + 512],) for i in range(0, len(fit_x), 512)])
         det.threshold_ = 0.0
         module = det.as_module().to(device)

@@ -224,7 +224,13 @@ def score_model(data: EvalData, args: argparse.Namespace, say) -> EvalResult:
     }
     derived = {label: (FUSION, _rule_row(rule)) for label, rule in RULE_ROWS.items()}
     seeded = evaluate_features(
-        data, scorers=list(SEEDED_ROWS), seeds=list(range(args.seeds)), streams=streams, derived=derived, progress=say
+        data,
+        scorers=list(SEEDED_ROWS),
+        scorer_options={FUSION: {"layer": "auto"}},
+        seeds=list(range(args.seeds)),
+        streams=streams,
+        derived=derived,
+        progress=say,
     )
     fixed = evaluate_features(data, scorers=list(FIXED_ROWS), seeds=[0], streams=streams, progress=say)
     return _merge([seeded, fixed])
@@ -469,7 +475,27 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
             "",
         ]
     lines += default_section(runs)
+    lines += overhead_section(Path(args.out))
     path.write_text("\n".join(lines) + "\n")
+
+
+def overhead_section(out: Path) -> list[str]:
+    """The inference cost tables written by ``benchmarks/overhead_bench.py`` into ``OUT/overhead_*.txt``."""
+    lines = []
+    for detector in ("conformal_fusion", "default"):
+        path = out / f"overhead_{detector}.txt"
+        if path.exists():
+            lines += [
+                f"### Inference cost: `{detector}`",
+                "",
+                f"`python benchmarks/overhead_bench.py --device cpu --detector {detector} > "
+                f"{out}/overhead_{detector}.txt` (run on the shared CPU while other jobs ran, so single figures "
+                "are noisy; each is a median of 20 calls):",
+                "",
+                *path.read_text().strip().splitlines(),
+                "",
+            ]
+    return lines
 
 
 def default_section(runs: list[dict]) -> list[str]:
