@@ -15,7 +15,7 @@ from .memmap import MemmapRows, file_backed
 
 __all__ = ["FitData", "auto_chunk_size"]
 
-_STATS_ROWS = 65536
+_STATS_ROWS = 8192  # float64 statistics are taken over pieces this tall (~3 float64 copies of one)
 _CPU_CHUNK_BYTES = 64 * 2**20
 _MEMMAP_BLOCK_BYTES = 64 * 2**20
 _CUDA_CHUNK_FRACTION = 0.25

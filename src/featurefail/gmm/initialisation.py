@@ -127,7 +127,7 @@ def kmeans(
     distances to the nearest centre) is that of the last assignment.
     """
     k = centers.shape[0]
-    threshold = tol * float(x.double().var(0, unbiased=False).mean().item())
+    threshold = tol * float(x.var(0, unbiased=False).double().mean().item())
     centers = centers.clone()
     n_iter, inertia = 0, math.inf
     while n_iter < max_iter:

@@ -3,8 +3,8 @@
 ``DiagonalGMM().fit(np.load(path, mmap_mode="r"))`` streams the file once per EM pass through
 :class:`MemmapRows`: each block is read into a fresh buffer with ``readinto`` and never through the mapping,
 so the process's resident memory stays at a few blocks whatever the file's size (pages touched through a
-mapping would count as resident until unmapped). Random rows for the initialisation are gathered through a
-private mapping that is closed right after.
+mapping would count as resident until unmapped). Random rows for the initialisation are read one by one with
+positioned reads.
 """
 
 from __future__ import annotations
@@ -82,8 +82,24 @@ class MemmapRows:
                 yield torch.from_numpy(buf)
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows ``idx`` (sorted int64) as a ``(len(idx), D)`` CPU tensor, through a mapping closed afterwards."""
-        mapped = np.memmap(self.filename, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
-        rows = np.array(mapped[idx.cpu().numpy()])
-        del mapped  # the last reference: unmapped here, so the touched pages leave the resident set
-        return torch.from_numpy(rows)
+        """Rows ``idx`` (sorted int64) as a ``(len(idx), D)`` CPU tensor, one positioned read per row.
+
+        Reads go through the page cache, not a mapping, so the rows' pages never join the resident set
+        (gathering 65,536 rows through a mapping of a 2 GB file held ~0.5 GiB of mapped pages).
+        """
+        rows = idx.cpu().numpy()
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        fd = os.open(self.filename, os.O_RDONLY)
+        try:
+            for i, r in enumerate(rows):
+                view = memoryview(out[i]).cast("B")
+                got = 0
+                while got < row_bytes:
+                    k = os.preadv(fd, [view[got:]], self.offset + int(r) * row_bytes + got)
+                    if not k:
+                        raise OSError(f"{self.filename} ended before row {int(r)}")
+                    got += k
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
