@@ -9,7 +9,8 @@ Two blocks in one run:
   holds ``cifar10_*.npz`` and the weights exist; otherwise random features of that shape. Scorers that need
   the model and the images (``odin``'s input perturbation, ``pixelcnn``) run on the ResNet-20 (random weights
   and uniform images without data: the cost does not depend on them).
-* **512-d**: random features of 50,000 × 512 (the size of a ResNet-18/34 penultimate layer), a random head.
+* **512-d**: random 512-d features (the width of a ResNet-18/34 penultimate layer) of the same split sizes (a
+  45,000 × 512 bank by default; `--n-train 50000` for 50,000), a random head.
 
 Random features imitate post-ReLU penultimate features: 10 non-negative class centres plus noise, clipped at
 0, with a linear head whose logits predict the class most of the time. Every scorer runs with its registered
