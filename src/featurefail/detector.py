@@ -268,7 +268,9 @@ class FailureDetector:
                 progress_bar=self.config.progress,
             )
             weight, bias = penultimate_head(hook) or (None, None)
-            layers = hook.resolved_layers if self.config.layer == "auto" else None
+            # "auto" and lists are stored resolved (each spec with its layout), so as_module() after load needs no probe
+            resolve = isinstance(self.config.layer, list) or self.config.layer == "auto"
+            layers = hook.resolved_layers if resolve else None
             return feats, {"layers": layers, "weight": weight, "bias": bias}
 
         # under torch.distributed: this rank's shard (possibly empty; layers and head from a rank with rows)
