@@ -336,6 +336,11 @@ class FailureDetector:
         features = features.subset(features.labels >= 0)
         if total_rows(len(features)) == 0:  # under torch.distributed: of all ranks
             raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
+        if features.logits is not None and len(features) and int(features.labels.max()) >= features.logits.shape[1]:
+            raise ValueError(
+                f"validation labels must be class indices in [0, {features.logits.shape[1]}) (or < 0 for unlabelled "
+                f"rows); got {int(features.labels.max())}: a label the model cannot predict would count as a mistake"
+            )
         require_distributable(fitted.scorer, validation=True)
         scorer = copy.deepcopy(fitted.scorer)
         scorer.attach(self._context(fitted))

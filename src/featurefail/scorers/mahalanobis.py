@@ -45,6 +45,11 @@ class TiedGaussians:
         d = cov.shape[0]
         scale = torch.trace(cov) / d
         if not torch.isfinite(scale) or scale <= 0:
+            if shrinkage == 0.0:
+                raise ValueError(
+                    "the training features do not vary within their classes (zero covariance): every Mahalanobis "
+                    "distance would be 0. Hook another layer, or set shrinkage > 0 (then distances are Euclidean)"
+                )
             scale = torch.tensor(1.0, dtype=torch.float64)
         cov = (1.0 - shrinkage) * cov + shrinkage * scale * torch.eye(d, dtype=torch.float64)
         # pseudo-inverse, as scikit-learn's EmpiricalCovariance (used by Lee et al.): directions without
