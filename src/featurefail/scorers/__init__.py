@@ -3,7 +3,6 @@
 from .ash import ASH
 from .base import ModelContext, Scorer, available_scorers, build_scorer, get_scorer, register_scorer
 from .conformal_fusion import ConformalFusion
-from .conformal_fusion import ConformalFusion
 from .energy import Energy
 from .fused import FusedScorer
 from .gmm import GMMScorer
@@ -24,11 +23,10 @@ from .vim import ViM
 from .zheng_hong import ZhengHong
 
 __all__ = [
-    "ConformalFusion",
-    "ConformalFusion",
     "ASH",
     "KNN",
     "ODIN",
+    "ConformalFusion",
     "Energy",
     "FusedScorer",
     "GMMScorer",
