@@ -48,7 +48,7 @@ from featurefail.scorers.conformal_fusion import COMBINE_RULES  # noqa: E402
 ATTACKS = tuple(f"{kind}:{eps}/255" for kind in ("fgsm", "bim") for eps in (1, 2, 4, 8))
 FUSION = "conformal_fusion"
 #: rows fitted once per seed (random initialisation or splits)
-SEEDED_ROWS = ("default", "paper", FUSION, "fused")
+SEEDED_ROWS = ("default", "paper", FUSION)
 #: rows fitted once (seed 0): deterministic fits (KNN with its default bank); those registered when the run starts
 FIXED_ROWS = tuple(
     name
@@ -387,6 +387,14 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         f"{torch.__version__}. Wall time per model below (feature extraction, attacks and corruptions, then "
         f"scoring); this page was written by an invocation of {total / 60:.1f} min.",
         "",
+        *(
+            [
+                f"Not run yet (no `OUT/<model>/run.json`; CPU budget of this session): {', '.join(args.not_run)}.",
+                "",
+            ]
+            if getattr(args, "not_run", None)
+            else []
+        ),
         "## Set-up",
         "",
         "- **Models**: the reference models in `benchmarks/cifar10/weights/` (see each section); features of "
@@ -394,7 +402,13 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         f"- **Fits**: every row is fitted on a seeded subset of {args.train_rows} of the 45,000 training images "
         "(`--train-rows`, CPU budget) and then sees the 5,000 labelled validation images through "
         "`fit_validation`; nothing else. Rows fitted with randomness (GMMs, the fusion's split) are refitted "
-        f"for {', '.join(map(str, seeds))} seed(s) (mean ± std); deterministic rows are fitted once.",
+        f"for {', '.join(map(str, seeds))} seed(s)"
+        + (
+            " (mean ± std)"
+            if max(seeds) > 1
+            else " only — the CPU budget of this run allowed no more, so no spread is reported"
+        )
+        + "; deterministic rows are fitted once.",
         f"- **Attacks**: untargeted L∞ FGSM and BIM (10 steps), ε ∈ {{1, 2, 4, 8}}/255, on a seeded subset of "
         f"{args.attack_subset} test images (`--attack-subset`, CPU budget); normal = the correctly classified "
         "clean images among them, failures = their successful adversarial versions.",
@@ -416,7 +430,7 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         "| choice | data it saw |",
         "|---|---|",
         "| GMM, Mahalanobis, KNN, ViM, ReAct, ... fits | training features (the seeded subset) |",
-        "| temperature, fused weight, Mahalanobis ε (unused: 0) | validation split (labels) |",
+        "| temperature scaling | validation split (labels) |",
         f"| `{FUSION}` components | training features minus a seeded 10% |",
         f"| `{FUSION}` p-value calibration | validation features (no labels), via `fit_validation` |",
         f"| `{FUSION}` combination rule (Fisher) | none: fixed in advance in the code; the other rules are "
@@ -489,8 +503,10 @@ def overhead_section(out: Path) -> list[str]:
                 f"### Inference cost: `{detector}`",
                 "",
                 f"`python benchmarks/overhead_bench.py --device cpu --detector {detector} > "
-                f"{out}/overhead_{detector}.txt` (run on the shared CPU while other jobs ran, so single figures "
-                "are noisy; each is a median of 20 calls):",
+                f"{out}/overhead_{detector}.txt`, each figure a median of 20 calls. It ran on the shared 2-core "
+                "CPU under a load of 5–15 other processes: if `as_module()` (which contains the plain forward) "
+                "comes out faster than the plain forward, contention dominates and the table does **not** "
+                "measure the detector's cost — re-run it on an idle machine.",
                 "",
                 *path.read_text().strip().splitlines(),
                 "",
@@ -576,6 +592,7 @@ def main() -> None:
             corruptions_cached(model, info["name"], args, splits, say)
             continue
         runs.append(run_model(w, args, splits, ood))
+    args.not_run = sorted({w.stem for w in weights} - {run["name"] for run in runs})
     if not args.collect_only and runs:
         write_results_page(runs, Path(args.page), args, time.perf_counter() - t0)
         print(f"wrote {args.page} in {(time.perf_counter() - t0) / 60:.1f} min")
