@@ -16,6 +16,9 @@ input; every detector is judged by the area under its risk–coverage curve (``m
 Scorers are fitted on a :class:`FitData` — the training split and the labelled validation split, nothing
 else; the fitting function takes only that object, so no failure sample can reach ``fit`` or
 ``fit_validation`` (by construction, not by a check afterwards).
+
+One file (over 500 lines) because that construction is the point: the sources, the fit data and the only
+function that fits live together, so no other module can hand a failure sample to a fit.
 """
 
 from __future__ import annotations
