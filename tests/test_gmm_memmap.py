@@ -49,26 +49,43 @@ def test_memmap_fit_equals_in_memory_fit_and_reads_the_file_in_blocks(tmp_path, 
 
 _CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys, threading
     import numpy as np
     from featurefail import DiagonalGMM
+
+    def anon_kib():  # anonymous resident memory: what a load into RAM allocates (file pages are page cache)
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
+    peak, done = [anon_kib()], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_kib())
+            done.wait(0.002)
+
     path, mode = sys.argv[1], sys.argv[2]
     x = np.load(path, mmap_mode="r")
     k, d = 2, x.shape[1]
     start = dict(weights_init=np.full(k, 0.5), means_init=np.zeros((k, d)) + [[0.0], [1.0]],
                  variances_init=np.ones((k, d)))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = anon_kib()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     if mode == "array":
         x = np.array(x)  # the in-memory path: the whole file in RAM, inside the measured window
     DiagonalGMM(k, max_iter=2, tol=0, chunk_size=1024, **start).fit(x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_mib": (after - before) / 1024}))
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], anon_kib())
+    print(json.dumps({"growth_mib": (peak[0] - before) / 1024}))
     """
 )
 
 
 def test_fitting_a_memmap_does_not_load_it_whole(tmp_path):
-    n, d = 25_000, 1024  # a 98 MiB file
+    n, d = 100_000, 1024  # a 391 MiB file: the streaming buffers (tens of MiB, independent of N) are far below it
     path = tmp_path / "big.npy"
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
     rng = np.random.default_rng(0)
@@ -85,6 +102,6 @@ def test_fitting_a_memmap_does_not_load_it_whole(tmp_path):
         return json.loads(res.stdout.strip().splitlines()[-1])["growth_mib"]
 
     streamed = peak_growth("memmap")
-    assert streamed < 0.3 * file_mib, f"peak RSS grew by {streamed:.0f} MiB for a {file_mib:.0f} MiB file"
+    assert streamed < 0.35 * file_mib, f"peak RSS grew by {streamed:.0f} MiB for a {file_mib:.0f} MiB file"
     # the measurement can see a whole-file load: the same fit on a plain array view of the mapping grows past it
     assert peak_growth("array") > file_mib
