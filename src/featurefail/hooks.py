@@ -605,7 +605,9 @@ def _auto_from_trace(trace: _Trace, heads: list[_Call], n_stages: int, token_poo
         for _res, cands, _ in reversed(groups[:-1]):
             if len(chosen) == n_stages:
                 break
-            for cand in sorted(cands, key=lambda c: (c.name.count("."), -c.end)):
+            # the tensor fed to the stage's last drop comes first: a container spanning several stages
+            # (``nn.Sequential`` of all blocks) also lowers the resolution, but its input is the stage's start
+            for cand in sorted(cands, key=lambda c: (-c.end, c.name.count("."))):
                 if not single_resolution(cand) or clashes(cand):
                     continue
                 # name the stage by its outermost module returning this very tensor (layer2, not layer2.3)
