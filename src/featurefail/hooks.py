@@ -552,7 +552,12 @@ def _stage_ends(trace: _Trace) -> list[tuple[tuple[str, tuple[int, ...]], list[_
         out_res = _resolution(call.out, call.layout)
         known = source is not None and not source.guessed and not call.guessed
         if known and in_res is not None and out_res is not None and _size(out_res) < _size(in_res):
-            add(call.inp, in_res, call.start)  # a module that lowers the resolution (strided block, pooling)
+            # a container spanning several stages (an nn.Sequential of all blocks) lowers the resolution too, but
+            # its input is the start of a stage, not an end: skip it when a resolution lies strictly between
+            inner = (_resolution(o.out, o.layout) for o in trace.calls if o is not call and call.contains(o))
+            spans = any(r is not None and _size(out_res) < _size(r) < _size(in_res) for r in inner)
+            if not spans:
+                add(call.inp, in_res, call.start)  # a module that lowers the resolution (strided block, pooling)
         prev = None
         for c in ended:
             if c.end > call.start:
@@ -605,9 +610,7 @@ def _auto_from_trace(trace: _Trace, heads: list[_Call], n_stages: int, token_poo
         for _res, cands, _ in reversed(groups[:-1]):
             if len(chosen) == n_stages:
                 break
-            # the tensor fed to the stage's last drop comes first: a container spanning several stages
-            # (``nn.Sequential`` of all blocks) also lowers the resolution, but its input is the stage's start
-            for cand in sorted(cands, key=lambda c: (-c.end, c.name.count("."))):
+            for cand in sorted(cands, key=lambda c: (c.name.count("."), -c.end)):
                 if not single_resolution(cand) or clashes(cand):
                     continue
                 # name the stage by its outermost module returning this very tensor (layer2, not layer2.3)
