@@ -14,9 +14,9 @@ from ..features import Features
 from ..gmm import DiagonalGMM
 from ..preprocess import make_transform
 from .base import DTypeName, Scorer, check_features, register_scorer
-from .modules import GMMScoreModule, TransformedScoreModule
+from .modules import GMMScoreModule, StackedGMMScoreModule, TransformedScoreModule
 
-__all__ = ["GMMScorer"]
+__all__ = ["GMMScorer", "stacked_gmm_module"]
 
 
 @register_scorer("gmm")
@@ -113,6 +113,9 @@ class GMMScorer(Scorer):
     def as_module(self) -> nn.Module:
         """``nn.Module(feats, logits) -> (N,)``: the preprocessing and the mixture's log-density as buffers."""
         self.check_fitted()
+        stacked = stacked_gmm_module([self])
+        if stacked is not None:
+            return stacked
         module = GMMScoreModule(self.gmm_, bpd=self.score_kind == "bpd")
         return module if self.transform_ is None else TransformedScoreModule(self.transform_, module)
 
@@ -139,3 +142,21 @@ class GMMScorer(Scorer):
             raise ValueError("the state holds preprocessing parameters but the scorer has preprocess=None")
         self.transform_, self.gmm_ = transform, gmm
         return self
+
+
+def stacked_gmm_module(scorers: list[Any]) -> StackedGMMScoreModule | None:
+    """The fused module of fitted :class:`GMMScorer` s over consecutive feature blocks, or ``None`` when they
+    cannot be stacked (a preprocessing other than ``None``/``"l2"``, different settings or ``n_components``,
+    or a mixture that scores in float64); then score them with their own ``as_module()``."""
+    if not scorers or not all(isinstance(s, GMMScorer) for s in scorers):
+        return None
+    specs = {None if s.transform_ is None else s.transform_.spec for s in scorers}
+    kinds = {s.score_kind for s in scorers}
+    if len(specs) != 1 or not specs <= {None, "l2"} or len(kinds) != 1:
+        return None
+    gmms = [s.gmm_ for s in scorers]
+    if len({g.n_components for g in gmms}) != 1:
+        return None
+    if any(g.scoring_parameters()["coef"].dtype != torch.float32 for g in gmms):
+        return None
+    return StackedGMMScoreModule(gmms, l2=specs == {"l2"}, bpd=kinds == {"bpd"})

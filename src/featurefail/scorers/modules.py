@@ -23,6 +23,7 @@ __all__ = [
     "KNNScoreModule",
     "LogitScoreModule",
     "RelativeMahalanobisScoreModule",
+    "StackedGMMScoreModule",
     "TransformedScoreModule",
     "ViMScoreModule",
     "kth_neighbour_distance",
@@ -51,6 +52,92 @@ class GMMScoreModule(nn.Module):
             x, self.coef, self.bias, self.center, self.means64, self.precisions64, self.exact_bias64, self.top
         )
         return mask_nonfinite(torch.logsumexp(lp, dim=1) * self.scale, feats).float()
+
+
+class StackedGMMScoreModule(nn.Module):
+    """``Σ_l scale_l · log p_l(g(F_l))``: the diagonal mixtures of ``L`` consecutive feature blocks, fused.
+
+    The score of :class:`BlockSumScoreModule` over :class:`GMMScoreModule` parts (each behind an optional per-block
+    L2 normalisation ``g``), computed with a fixed, small number of kernels whatever ``L`` (what a GPU forward
+    pays for, one launch each), ``(N, D_1 + … + D_L) -> (N,)`` float32:
+
+    1. one product ``[x, x²] @ W + b`` of the centred rows against the block-diagonal stack of every mixture's
+       linear form (``W (2D, L·K)``) gives all ``L·K`` log-densities;
+    2. each block's ``top`` largest entries, which carry its log-likelihood, are recomputed in the direct form
+       ``b_k − ½ Σ_d (x_d − μ_kd)² / σ²_kd`` from one gathered table ``[μ, 1/σ², b] (L·K, 2D + 1)`` (zero outside
+       the component's block), then one ``logsumexp`` per block.
+
+    The product and the ``logsumexp`` run in float32; the product form loses precision as ``x²/σ²`` grows
+    (cancellation), which is why the dominant entries are recomputed. That recomputation stays in float64 (one
+    cast of ``x`` and one of the result, the table gathered in float64): in float32, rounding ``x − μ`` alone
+    costs ``~|μ|·2⁻²⁴/σ`` per dimension, 1e-4 nat on clusters 400σ from the data mean
+    (``tests/test_fused_head.py``), against the float32 rounding of the score itself with float64. On a GPU
+    the cost is kernels, not their dtype: float64 here is two extra launches, not a ``(N, K)`` float64 pass.
+    Mixtures whose scale is unsafe in float32 (their ``scoring_parameters`` come in float64) are not stacked;
+    use :class:`GMMScoreModule`. Non-finite rows score ``-inf``; differentiable in ``feats``.
+
+    Args:
+        gmms: fitted :class:`~featurefail.DiagonalGMM` per block, all with the same ``n_components`` and float32
+            scoring parameters.
+        l2: whether each block is L2-normalised before its mixture (``preprocess="l2"``).
+        bpd: score ``-BPD`` (each block's log-likelihood divided by ``D_l ln 2``) instead of the log-likelihood.
+        top: entries per row and block recomputed in the direct form.
+    """
+
+    def __init__(self, gmms: list[Any], l2: bool = False, bpd: bool = False, top: int = 4) -> None:
+        super().__init__()
+        if not gmms:
+            raise ValueError("StackedGMMScoreModule needs at least one mixture")
+        k = gmms[0].n_components
+        if any(g.n_components != k for g in gmms):
+            raise ValueError(f"every block's mixture needs the same n_components, got {[g.n_components for g in gmms]}")
+        params = [g.scoring_parameters() for g in gmms]
+        if any(p["coef"].dtype != torch.float32 for p in params):
+            raise ValueError("a mixture scores in float64 (its scale leaves float32's range); use GMMScoreModule")
+        widths = [int(g.n_features_in_) for g in gmms]
+        d, n_blocks = sum(widths), len(gmms)
+        weight = torch.zeros(2 * d, n_blocks * k, dtype=torch.float64)
+        table = torch.zeros(n_blocks * k, 2 * d + 1, dtype=torch.float64)
+        start = 0
+        for i, (p, w) in enumerate(zip(params, widths, strict=True)):
+            cols, block = slice(i * k, (i + 1) * k), slice(start, start + w)
+            coef = p["coef"].detach().cpu().double()
+            weight[block, cols] = coef[:, :w].T
+            weight[d + start : d + start + w, cols] = coef[:, w:].T
+            table[cols, block] = p["means64"].detach().cpu().double()
+            table[cols, d + start : d + start + w] = p["precisions64"].detach().cpu().double()
+            table[cols, 2 * d] = p["exact_bias64"].detach().cpu().double()
+            start += w
+        center = torch.cat([p["center"].detach().cpu().double() for p in params])
+        self.register_buffer("center", center.float())
+        self.register_buffer("center64", center)
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", torch.cat([p["bias"].detach().cpu() for p in params]).float())
+        self.register_buffer("table", table)
+        self.register_buffer("offsets", torch.arange(n_blocks, dtype=torch.long)[:, None] * k)
+        self.register_buffer("block_of_column", torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(widths)))
+        scales = [1.0 / (w * math.log(2.0)) if bpd else 1.0 for w in widths]
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
+        self.widths = widths
+        self.n_components = k
+        self.top = min(top, k)
+        self.l2 = bool(l2)
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        finite, x = zero_nonfinite_rows(feats.float())
+        if self.l2:  # as preprocess "l2": f / max(‖f‖, 1e-12), block by block
+            norms = torch.stack([b.norm(dim=1) for b in torch.split(x, self.widths, dim=1)], dim=1)
+            x = x / norms.clamp_min(1e-12).index_select(1, self.block_of_column)
+        n, d, k = x.shape[0], x.shape[1], self.n_components
+        xc = x - self.center
+        lp = torch.addmm(self.bias, torch.cat([xc, xc * xc], dim=1), self.weight)
+        index = (lp.detach().view(n, -1, k).topk(self.top, dim=2).indices + self.offsets).view(n, -1)
+        rows = self.table[index]  # (n, L·top, 2D + 1) float64
+        diff = (x.double() - self.center64)[:, None, :] - rows[..., :d]
+        exact = rows[..., 2 * d] - 0.5 * (diff * diff * rows[..., d : 2 * d]).sum(-1)
+        lp = lp.scatter(1, index, exact.float())
+        score = (torch.logsumexp(lp.view(n, -1, k), dim=2) * self.scales).sum(1)
+        return torch.where(finite, score, torch.full_like(score, -math.inf))
 
 
 class TransformedScoreModule(nn.Module):

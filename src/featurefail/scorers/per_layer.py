@@ -9,6 +9,7 @@ from torch import nn
 
 from ..features import Features
 from .base import ModelContext, Scorer, build_scorer
+from .gmm import stacked_gmm_module
 from .modules import BlockSumScoreModule
 
 __all__ = ["PerLayer"]
@@ -116,6 +117,9 @@ class PerLayer(Scorer):
 
     def as_module(self) -> nn.Module:
         self.check_fitted()
+        stacked = stacked_gmm_module(self.parts_)  # GMM blocks: one fused module, a few kernels for all layers
+        if stacked is not None:
+            return stacked
         return BlockSumScoreModule(self.blocks_, [part.as_module() for part in self.parts_])
 
     def state_dict(self) -> dict[str, Any]:
