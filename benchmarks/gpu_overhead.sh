@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Detector overhead on a GPU (issue 19): paper and default detectors, ResNet-20 and WideResNet-28-10, eager and
-# CUDA graphs (each run prints both), into "$OUT/overhead_gpu.txt". About 2 minutes on one H200; every run is
-# capped so the whole script stays under 3 minutes. Needs torch (CUDA), numpy, scipy, scikit-learn,
+# CUDA graphs (each run prints both), then the scoring head alone (benchmarks/head_bench.py), into
+# "$OUT/overhead_gpu.txt". About 2 minutes on one H200; the runs are capped (BUDGET, 160 s, plus 10 s for the
+# head) so the whole script stays under 3 minutes. Needs torch (CUDA), numpy, scipy, scikit-learn,
 # safetensors, pydantic and the repository on PYTHONPATH (or installed); fetches nothing.
 #
 #   OUT=/some/dir bash benchmarks/gpu_overhead.sh
@@ -10,7 +11,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-170}  # seconds for all runs together
+BUDGET=${BUDGET:-160}  # seconds for all runs together
 mkdir -p "$OUT"
 report="$OUT/overhead_gpu.txt"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -41,6 +42,19 @@ for model in resnet20 wrn; do
         echo "## exit $rc after $((SECONDS - t0)) s" >>"$report"
         [ "$rc" -eq 0 ] || status=1
     done
+done
+# the scoring head alone, unfused vs stacked (no model; a few seconds): default head, then the paper's
+for head in "--widths 16 32 64 --preprocess l2" "--widths 64 --preprocess none"; do
+    left=$((BUDGET + 10 - (SECONDS - start)))
+    if [ "$left" -lt 5 ]; then echo "## SKIPPED head_bench $head" >>"$report"; continue; fi
+    quick_head=()
+    if [ -n "${QUICK:-}" ]; then quick_head=(--components 10 --repeats 3); fi
+    echo -e "\n## python benchmarks/head_bench.py --device $DEVICE $head ${quick_head[*]}   (timeout ${left}s)" >>"$report"
+    # shellcheck disable=SC2086
+    timeout "$left" python benchmarks/head_bench.py --device "$DEVICE" $head "${quick_head[@]}" >>"$report" 2>&1
+    rc=$?
+    echo "## exit $rc" >>"$report"
+    [ "$rc" -eq 0 ] || status=1
 done
 echo -e "\n## total $((SECONDS - start)) s" >>"$report"
 cat "$report"
