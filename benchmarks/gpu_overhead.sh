@@ -34,7 +34,6 @@ for model in resnet20 wrn; do
             continue
         fi
         cmd=(python benchmarks/overhead_bench.py --device "$DEVICE" --model "$model" --detector "$detector" "${extra[@]}")
-        if [ "$model" = wrn ] && [ -z "${QUICK:-}" ]; then cmd+=(--components 1000 --fit-images 2048); fi
         echo -e "\n## ${cmd[*]}   (timeout ${left}s)" >>"$report"
         t0=$SECONDS
         timeout "$left" "${cmd[@]}" >>"$report" 2>&1
