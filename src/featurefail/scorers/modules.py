@@ -122,22 +122,29 @@ class StackedGMMScoreModule(nn.Module):
         self.n_components = k
         self.top = min(top, k)
         self.l2 = bool(l2)
+        self.bpd = bool(bpd)
 
     def forward(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        finite, x = zero_nonfinite_rows(feats.float())
+        x = feats.float()
+        finite = torch.isfinite(x).all(dim=1)
+        x = torch.where(finite[:, None], x, 0.0)  # scalars, not tensors: no extra kernel launches
         if self.l2:  # as preprocess "l2": f / max(‖f‖, 1e-12), block by block
             norms = torch.stack([b.norm(dim=1) for b in torch.split(x, self.widths, dim=1)], dim=1)
             x = x / norms.clamp_min(1e-12).index_select(1, self.block_of_column)
         n, d, k = x.shape[0], x.shape[1], self.n_components
         xc = x - self.center
         lp = torch.addmm(self.bias, torch.cat([xc, xc * xc], dim=1), self.weight)
-        index = (lp.detach().view(n, -1, k).topk(self.top, dim=2).indices + self.offsets).view(n, -1)
+        index = lp.detach().view(n, -1, k).topk(self.top, dim=2).indices
+        index = (index if len(self.widths) == 1 else index + self.offsets).view(n, -1)
         rows = self.table[index]  # (n, L·top, 2D + 1) float64
         diff = (x.double() - self.center64)[:, None, :] - rows[..., :d]
         exact = rows[..., 2 * d] - 0.5 * (diff * diff * rows[..., d : 2 * d]).sum(-1)
         lp = lp.scatter(1, index, exact.float())
-        score = (torch.logsumexp(lp.view(n, -1, k), dim=2) * self.scales).sum(1)
-        return torch.where(finite, score, torch.full_like(score, -math.inf))
+        per_block = torch.logsumexp(lp.view(n, -1, k), dim=2)
+        if self.bpd:
+            per_block = per_block * self.scales
+        score = per_block[:, 0] if len(self.widths) == 1 else per_block.sum(1)
+        return torch.where(finite, score, -math.inf)
 
 
 class TransformedScoreModule(nn.Module):
