@@ -1,0 +1,400 @@
+"""Train the reference CIFAR-10 models on a CPU or a GPU (same script, ``--device``).
+
+    python benchmarks/reference_models/train.py --arch vgg      --data-dir ../shared/data
+    python benchmarks/reference_models/train.py --arch vgg-tanh --data-dir ../shared/data
+    python benchmarks/reference_models/train.py --arch resnet9  --data-dir ../shared/data
+    python benchmarks/reference_models/train.py --arch vgg --semi --data-dir ../shared/data   # 100 labels per class
+    ... --device cuda
+
+Recipe (after the airbench speed runs, our own implementation): batch 1024, Nesterov SGD (momentum 0.85) on the
+mean label-smoothed (0.2) cross-entropy, a triangular learning-rate schedule (0.2 → 1 at 23% of the steps →
+0.07), BatchNorm shifts at 64× the learning rate with the same per-step weight decay, a lookahead average
+pulled in every 5 steps, random ±2-pixel translations (reflect padding) and alternating horizontal flips
+(each image flipped on every other epoch, from a random start). The VGG's whitening filters come from the
+training images' 2×2 patches; its whitening bias trains for the first 3 epochs only. On a CPU, bf16 autocast
+and channels-last memory roughly double the speed (``--no-bf16`` / ``--no-channels-last`` to compare).
+
+Semi-supervised (``--semi``): curriculum labelling (Cascante-Bonilla et al., AAAI 2021). Round 0 trains on the
+labelled images alone — that model is also the labelled-only baseline, saved as ``<arch>-labelled<N>``. Each
+next round predicts the unlabelled images (flip-averaged), keeps the most confident ``r/R`` of every predicted
+class as pseudo-labels, and trains a fresh model on the labelled plus pseudo-labelled images. The unlabelled
+images' labels are never used in training; the pseudo-label accuracy is logged for information.
+
+Every model is written as ``<name>.safetensors`` with a JSON card (data, split, recipe, device, wall time,
+images/s, validation and untouched test accuracy, the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar_data import cifar10_splits, translate_and_flip
+from architectures import WhitenedVGG, make_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    epochs: int = 20
+    batch: int = 1024
+    lr: float = 1.5  # for the mean loss over a batch of 1024
+    weight_decay: float = 2e-3  # per-step decay of the weights at the peak learning rate
+    momentum: float = 0.85
+    bias_lr_scale: float = 64.0
+    label_smoothing: float = 0.2
+    whiten_bias_epochs: int = 3
+    lookahead_every: int = 5
+    min_steps: int = 0  # small sets (the labelled-only model) train for at least this many steps
+
+
+def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
+    """Piecewise-linear learning-rate factor: ``start`` → 1 at ``peak_at · total`` → ``end`` at ``total``."""
+    peak = max(1, round(peak_at * total))
+    if step < peak:
+        return start + (1 - start) * step / peak
+    return 1 + (end - 1) * (step - peak) / max(1, total - peak)
+
+
+class Lookahead:
+    """Slow weights pulled towards the fast ones every few steps; the fast weights restart from them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.slow:
+                self.slow[key].lerp_(value, 1 - decay)
+                value.copy_(self.slow[key])
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255)
+
+
+def predict(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device, *, tta: bool, bf16: bool, batch: int = 2000
+) -> torch.Tensor:
+    """Softmax probabilities ``(N, 10)`` (float32, CPU) for uint8 images ``(N, 3, 32, 32)``; ``tta`` averages the
+    logits of each image and its mirror image."""
+    model.eval()
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(x), batch):
+            xb = to_float(x[i : i + batch].to(device))
+            logits = model(xb).float()
+            if tta:
+                logits = (logits + model(xb.flip(-1)).float()) / 2
+            out.append(torch.softmax(logits, 1).cpu())
+    return torch.cat(out)
+
+
+def accuracy(model, x, y, device, *, tta: bool, bf16: bool) -> float:
+    return float((predict(model, x, device, tta=tta, bf16=bf16).argmax(1) == y).float().mean())
+
+
+def train(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    *,
+    device: torch.device,
+    seed: int,
+    bf16: bool = True,
+    channels_last: bool = True,
+    label: str = "",
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int = 0,
+) -> dict:
+    """Train ``model`` in place on uint8 images ``x`` ``(N, 3, 32, 32)`` and labels ``y`` ``(N,)``.
+
+    Returns ``{"seconds", "images_per_second", "steps", "epochs", "losses"}`` (losses: mean per epoch).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, WhitenedVGG):
+        sample = x[torch.randperm(len(x), generator=generator)[:5000]]
+        model.init_whitening(to_float(sample))
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    batch = min(recipe.batch, len(x))
+    steps_per_epoch = len(x) // batch
+    epochs = max(recipe.epochs, math.ceil(recipe.min_steps / steps_per_epoch))
+    total = epochs * steps_per_epoch
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    whiten_bias = [model.whiten.bias] if isinstance(model, WhitenedVGG) else []
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in biases + whiten_bias)]
+    lr, bias_lr = recipe.lr, recipe.lr * recipe.bias_lr_scale
+    groups = [
+        dict(params=others, lr=lr, weight_decay=recipe.weight_decay / lr),
+        dict(params=biases, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
+        dict(params=whiten_bias, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
+    ]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
+    whiten_steps = recipe.whiten_bias_epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            lambda s: triangle(s, total),
+            lambda s: triangle(s, total),
+            lambda s: triangle(s, total) if s < whiten_steps else 0.0,
+        ],
+    )
+    lookahead = Lookahead(model)
+    flip_start = torch.rand(len(x), generator=generator) < 0.5
+    x_device, y_device = x.to(device), y.to(device)
+    losses, step = [], 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)[: steps_per_epoch * batch]
+        epoch_loss = torch.zeros((), device=device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            flip = flip_start[idx] ^ bool(epoch % 2)
+            xb = translate_and_flip(to_float(x_device[idx.to(device)]), flip, generator)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), y_device[idx.to(device)], label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            epoch_loss += loss.detach()
+            if step % recipe.lookahead_every == 0:
+                lookahead.update(model, decay=0.95**recipe.lookahead_every * (step / total) ** 3)
+        losses.append(float(epoch_loss) / steps_per_epoch)
+        row = {
+            "model": label,
+            "epoch": epoch + 1,
+            "of": epochs,
+            "loss": round(losses[-1], 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        if val is not None and eval_every and (epoch + 1) % eval_every == 0:  # counted in the wall time
+            row["val_accuracy"] = round(accuracy(model, *val, device, tta=False, bf16=bf16), 4)
+        print(json.dumps(row), flush=True)
+    lookahead.update(model, decay=1.0)
+    seconds = time.perf_counter() - start
+    model.to(memory_format=torch.contiguous_format)
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_second": round(total * batch / seconds, 1),
+        "steps": total,
+        "epochs": epochs,
+        "losses": [round(v, 4) for v in losses],
+    }
+
+
+def pseudo_labels(probs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and labels of the most confident ``fraction`` of each predicted class; ``probs``: ``(N, C)``."""
+    confidence, predicted = probs.max(1)
+    keep = []
+    for c in predicted.unique():
+        members = torch.nonzero(predicted == c).flatten()
+        n = max(1, round(fraction * len(members)))
+        keep.append(members[confidence[members].argsort(descending=True)[:n]])
+    kept = torch.cat(keep).sort().values
+    return kept, predicted[kept]
+
+
+def card(name: str, arch: str, result: dict, model, val, test, device, bf16: bool, args, **extra) -> dict:
+    round_large_weights(model)
+    val_acc = accuracy(model, *val, device, tta=False, bf16=bf16)
+    return {
+        "name": name,
+        "arch": arch,
+        "data": "CIFAR-10 (JPEG q75 re-encoding, ../shared/data/cifar10_{train,test}.npz)",
+        "split": f"seeded stratified 45,000 train / 5,000 validation (seed {args.split_seed}); test set untouched",
+        **extra,
+        "recipe": dataclasses.asdict(args.recipe),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "bf16_autocast": bf16,
+        "channels_last": not args.no_channels_last,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **result,
+        "val_accuracy": round(val_acc, 4),
+        "test_accuracy": round(accuracy(model, *test, device, tta=False, bf16=bf16), 4),
+        "test_accuracy_flip_tta": round(accuracy(model, *test, device, tta=True, bf16=bf16), 4),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+def round_large_weights(model: torch.nn.Module) -> None:
+    """Round every weight tensor of more than 4,096 values to bfloat16 in place: the file is half the size and the
+    accuracies in the card are those of exactly the stored weights (bf16 autocast rounds them anyway)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 4096:
+                p.copy_(p.to(torch.bfloat16).float())
+
+
+def save(model: torch.nn.Module, info: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.to(torch.bfloat16) if v.numel() > 4096 and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(tensors, str(out / f"{info['name']}.safetensors"), metadata={"arch": info["arch"]})
+    (out / f"{info['name']}.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "losses", "rounds")}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vgg", choices=["vgg", "vgg-tanh", "resnet9"])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 20 (supervised), 10 per round (--semi)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--semi", action="store_true", help="curriculum labelling with --labels-per-class labels")
+    parser.add_argument("--labels-per-class", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-steps", type=int, default=400, help="(--semi) fewest steps of the labelled-only model")
+    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--limit", type=int, default=None, help="train on a seeded random N images (smoke runs)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N epochs (in the log)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bf16 = not args.no_bf16
+    epochs = args.epochs or (10 if args.semi else 20)
+    args.recipe = Recipe(epochs=epochs, min_steps=args.min_steps if args.semi else 0)
+    (x, y), val, test = cifar10_splits(args.data_dir, seed=args.split_seed)
+    if args.limit:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.limit]
+        subset_generator = torch.Generator().manual_seed(args.seed)
+        sub_val = torch.randperm(len(val[1]), generator=subset_generator)[:500]
+        sub_test = torch.randperm(len(test[1]), generator=subset_generator)[:500]
+        x, y = x[keep], y[keep]
+        val, test = (val[0][sub_val], val[1][sub_val]), (test[0][sub_test], test[1][sub_test])
+    out = Path(args.out)
+    if not args.semi:
+        model = make_model(args.arch)
+        result = train(
+            model,
+            x,
+            y,
+            args.recipe,
+            device=device,
+            seed=args.seed,
+            bf16=bf16,
+            channels_last=not args.no_channels_last,
+            label=args.arch,
+            val=val,
+            eval_every=args.eval_every,
+        )
+        save(model, card(args.arch, args.arch, result, model, val, test, device, bf16, args), out)
+        return
+    generator = torch.Generator().manual_seed(args.seed)
+    labelled = (
+        torch.cat(
+            [
+                torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=generator)][
+                    : args.labels_per_class
+                ]
+                for c in range(10)
+            ]
+        )
+        .sort()
+        .values
+    )
+    unlabelled = torch.ones(len(y), dtype=torch.bool)
+    unlabelled[labelled] = False
+    unlabelled = torch.nonzero(unlabelled).flatten()
+    common = dict(
+        device=device,
+        seed=args.seed,
+        bf16=bf16,
+        channels_last=not args.no_channels_last,
+        val=val,
+        eval_every=args.eval_every,
+    )
+    teacher = make_model(args.arch)
+    base = f"{args.arch}-labelled{len(labelled)}"
+    result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
+    save(
+        teacher,
+        card(
+            base,
+            args.arch,
+            result,
+            teacher,
+            val,
+            test,
+            device,
+            bf16,
+            args,
+            labelled_images=len(labelled),
+            unlabelled_images=0,
+        ),
+        out,
+    )
+    rounds, seconds = [], result["seconds"]
+    for r in range(1, args.rounds + 1):
+        probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
+        kept, labels = pseudo_labels(probs, r / args.rounds)
+        student = make_model(args.arch)
+        xs = torch.cat([x[labelled], x[unlabelled[kept]], x[unlabelled]])[: len(labelled) + len(kept)]
+        ys = torch.cat([y[labelled], labels])
+        result = train(student, xs, ys, args.recipe, label=f"semi round {r}", **common)
+        seconds += result["seconds"]
+        rounds.append(
+            {
+                "round": r,
+                "pseudo_labelled": len(kept),
+                "pseudo_label_accuracy": round(float((labels == y[unlabelled[kept]]).float().mean()), 4),
+                "seconds": result["seconds"],
+                "val_accuracy": round(accuracy(student, *val, device, tta=False, bf16=bf16), 4),
+            }
+        )
+        print(json.dumps(rounds[-1]), flush=True)
+        teacher = student
+    result = {**result, "seconds": round(seconds, 1), "rounds": rounds}
+    name = f"{args.arch}-semi{len(labelled)}"
+    save(
+        teacher,
+        card(
+            name,
+            args.arch,
+            result,
+            teacher,
+            val,
+            test,
+            device,
+            bf16,
+            args,
+            method="curriculum labelling",
+            labelled_images=len(labelled),
+            unlabelled_images=len(unlabelled),
+        ),
+        out,
+    )
+
+
+if __name__ == "__main__":
+    main()
