@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cifar10"))
+sys.path.insert(0, str(HERE / "reference_models"))
+from architectures import load_reference_model  # noqa: E402
 from data import cifar10_splits  # noqa: E402
 from models import make_model  # noqa: E402
 
@@ -72,7 +74,11 @@ FIGURE_ROWS = ("default", "paper", "max_softmax", "energy", "mahalanobis", "knn"
 
 
 def load_reference(path: Path) -> tuple[torch.nn.Module, dict]:
+    """A model of ``benchmarks/reference_models/weights`` (cards without ``config``) or of the older
+    ``benchmarks/cifar10/weights`` (with it)."""
     info = json.loads(path.with_suffix(".json").read_text())
+    if "config" not in info:
+        return load_reference_model(path), info
     model = make_model(info["arch"], info["config"])
     model.load_state_dict(load_file(str(path)))
     return model.eval(), info
@@ -142,6 +148,9 @@ def collect_cached(model: torch.nn.Module, name: str, args: argparse.Namespace, 
     return data
 
 
+CORRUPTED_IMAGES: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
 def corruptions_cached(
     model: torch.nn.Module, name: str, args: argparse.Namespace, splits, say
 ) -> dict[str, torch.Tensor]:
@@ -158,7 +167,10 @@ def corruptions_cached(
     for corruption in CORRUPTIONS:
         for severity in SEVERITIES:
             say(f"corruption {corruption} severity {severity}")
-            x = corrupt(x_te[subset], corruption, severity, seed=severity)
+            key = (corruption, severity, args.corruption_subset)
+            if key not in CORRUPTED_IMAGES:  # the images do not depend on the model: made once per run
+                CORRUPTED_IMAGES[key] = corrupt(x_te[subset], corruption, severity, seed=severity)
+            x = CORRUPTED_IMAGES[key]
             f = collect(model, *tiny, (x, y_te[subset]), layer="auto").test
             out[f"{corruption}.{severity}.feats"] = f.feats.contiguous()
             out[f"{corruption}.{severity}.logits"] = f.logits.contiguous()
@@ -556,7 +568,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", default="results")
-    parser.add_argument("--weights", default=str(HERE / "cifar10" / "weights"))
+    parser.add_argument("--weights", default=str(HERE / "reference_models" / "weights"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--attack-subset", type=int, default=200, help="test images attacked (seeded subset)")
     parser.add_argument("--corruption-subset", type=int, default=500, help="test images corrupted (seeded subset)")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
-from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model  # noqa: E402
-from cifar_data import cifar10_splits, translate_and_flip  # noqa: E402
-from train import Recipe, pseudo_labels, train, triangle  # noqa: E402
-from train import main as train_main  # noqa: E402
+from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model
+from cifar_data import cifar10_splits, translate_and_flip
+from train import Recipe, pseudo_labels, train, triangle
+from train import main as train_main
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def test_each_architecture_trains_and_round_trips(arch, tmp_path):
     round_large_weights(model)
     with torch.no_grad():
         assert torch.allclose(loaded(x[:16].float() / 255), model(x[:16].float() / 255), atol=1e-5)
-    assert got.shape == expected.shape
+    assert got.shape == expected.shape and loaded.logit_scale == 1  # folded into the head
 
 
 def test_tanh_variant_bounds_the_features():
@@ -128,11 +128,31 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     order = torch.argsort(y, stable=True)  # sorted by class, like the real file
     np.savez(data / "cifar10_train.npz", x=x[order].permute(0, 2, 3, 1).numpy(), y=y[order].numpy())
     np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
-    (x_tr, y_tr), (x_va, y_va), _ = cifar10_splits(data)
+    (_, y_tr), (_, y_va), _ = cifar10_splits(data)
     assert len(y_va) == 5000 and torch.bincount(y_va).tolist() == [500] * 10 and len(y_tr) == 600
     out = tmp_path / "weights"
-    train_main(["--arch", "vgg", "--semi", "--labels-per-class", "3", "--rounds", "2", "--epochs", "1",
-                "--min-steps", "2", "--limit", "300", "--data-dir", str(data), "--out", str(out), "--no-bf16"])
+    train_main(
+        [
+            "--arch",
+            "vgg",
+            "--semi",
+            "--labels-per-class",
+            "3",
+            "--rounds",
+            "2",
+            "--epochs",
+            "1",
+            "--min-steps",
+            "2",
+            "--limit",
+            "300",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--no-bf16",
+        ]
+    )
     base = json.loads((out / "vgg-labelled30.json").read_text())
     semi = json.loads((out / "vgg-semi30.json").read_text())
     assert base["labelled_images"] == 30 and semi["unlabelled_images"] == 270

@@ -6,7 +6,8 @@ Two families, both with per-channel standardisation inside the model (they take 
   *94% on CIFAR-10 in 3.29 seconds on a single GPU*): a frozen 2×2 patch-whitening convolution initialised
   from the training images' patch covariance (its eigenvectors scaled by ``1/sqrt(eigenvalue)``, with their
   negatives: 24 channels), then three groups ``conv3×3 → maxpool 2 → BN → act → conv3×3 → BN → act`` of widths
-  64/256/256 and a global max pool: 256-d penultimate features, a bias-free linear head scaled by 1/9.
+  64/256/256 (airbench's; our reference uses 96/384/384) and a global max pool, a bias-free linear head scaled
+  by 1/9.
   ``feature_activation="tanh"`` ends the last group in tanh instead of GELU, so the max-pooled features lie in
   ``(-1, 1)`` (the paper's DenseNet ends its features in tanh).
 * ``ResNet9`` — the DAWNBench residual net (Page, 2018, *How to train your ResNet*): prep conv, then
@@ -108,7 +109,15 @@ class WhitenedVGG(nn.Module):
         return self.pool(h).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)) * self.logit_scale
+        logits = self.head(self.features(x))
+        return logits if self.logit_scale == 1 else logits * self.logit_scale
+
+    @torch.no_grad()
+    def fold_logit_scale(self) -> None:
+        """Multiply the head's weights by the logit scale (then 1): the same function, and the head's output is
+        the logits, as a detector's head discovery expects."""
+        self.head.weight.mul_(self.logit_scale)
+        self.logit_scale = 1.0
 
 
 class Residual(nn.Module):
@@ -154,28 +163,33 @@ class ResNet9(nn.Module):
         return self.pool(h).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)) * self.logit_scale
+        logits = self.head(self.features(x))
+        return logits if self.logit_scale == 1 else logits * self.logit_scale
+
+    fold_logit_scale = WhitenedVGG.fold_logit_scale
 
 
 ARCHITECTURES = {
-    "vgg": lambda: WhitenedVGG(),
-    "vgg-tanh": lambda: WhitenedVGG(feature_activation="tanh"),
-    "resnet9": lambda: ResNet9(),
+    "vgg": lambda widths: WhitenedVGG(widths or (96, 384, 384)),
+    "vgg-tanh": lambda widths: WhitenedVGG(widths or (96, 384, 384), feature_activation="tanh"),
+    "resnet9": lambda widths: ResNet9(widths or (48, 96, 192, 384)),
 }
 
 
-def make_model(arch: str) -> nn.Module:
-    """A fresh reference model by name (``"vgg"``, ``"vgg-tanh"``, ``"resnet9"``)."""
+def make_model(arch: str, widths: tuple[int, ...] | None = None) -> nn.Module:
+    """A fresh reference model by name (``"vgg"``, ``"vgg-tanh"``, ``"resnet9"``), default widths unless given."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]()
+    return ARCHITECTURES[arch](tuple(widths) if widths else None)
 
 
 def load_reference_model(path: str | Path) -> nn.Module:
-    """The model saved at ``path`` (``<name>.safetensors`` beside its ``<name>.json`` card), in eval mode, float32."""
+    """The model saved at ``path`` (``<name>.safetensors`` beside its ``<name>.json`` card), in eval mode, float32,
+    with the logit scale folded into the head (so ``model.head``'s output is the logits)."""
     path = Path(path)
     info = json.loads(path.with_suffix(".json").read_text())
-    model = make_model(info["arch"])
+    model = make_model(info["arch"], info.get("widths"))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
+    model.fold_logit_scale()
     return model.eval()

@@ -49,3 +49,17 @@ def translate_and_flip(x: torch.Tensor, flip: torch.Tensor, generator: torch.Gen
     batch = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return out.permute(0, 3, 1, 2)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one random ``size``×``size`` square per image (DeVries & Taylor, 2017), clipped at the borders;
+    ``x``: ``(N, C, H, W)``, changed in place and returned."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), generator=generator).to(x.device)
+    cx = torch.randint(0, w, (n,), generator=generator).to(x.device)
+    rows = torch.arange(h, device=x.device)[None]
+    cols = torch.arange(w, device=x.device)[None]
+    inside_rows = (rows >= cy[:, None] - size // 2) & (rows < cy[:, None] - size // 2 + size)  # (N, H)
+    inside_cols = (cols >= cx[:, None] - size // 2) & (cols < cx[:, None] - size // 2 + size)  # (N, W)
+    mask = inside_rows[:, :, None] & inside_cols[:, None, :]  # (N, H, W)
+    return x.masked_fill_(mask[:, None], 0.0)

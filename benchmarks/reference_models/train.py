@@ -1,18 +1,21 @@
 """Train the reference CIFAR-10 models on a CPU or a GPU (same script, ``--device``).
 
-    python benchmarks/reference_models/train.py --arch vgg      --data-dir ../shared/data
+    python benchmarks/reference_models/train.py --arch vgg      --data-dir ../shared/data   # 96/384/384, 25 epochs
     python benchmarks/reference_models/train.py --arch vgg-tanh --data-dir ../shared/data
-    python benchmarks/reference_models/train.py --arch resnet9  --data-dir ../shared/data
-    python benchmarks/reference_models/train.py --arch vgg --semi --data-dir ../shared/data   # 100 labels per class
+    python benchmarks/reference_models/train.py --arch resnet9  --data-dir ../shared/data   # 30 epochs
+    python benchmarks/reference_models/train.py --arch vgg --widths 64 256 256 --semi --data-dir ../shared/data
     ... --device cuda
+
+The defaults are the schedules ``sweep.py`` chose on the validation split (each card holds its exact command).
 
 Recipe (after the airbench speed runs, our own implementation): batch 1024, Nesterov SGD (momentum 0.85) on the
 mean label-smoothed (0.2) cross-entropy, a triangular learning-rate schedule (0.2 → 1 at 23% of the steps →
 0.07), BatchNorm shifts at 64× the learning rate with the same per-step weight decay, a lookahead average
-pulled in every 5 steps, random ±2-pixel translations (reflect padding) and alternating horizontal flips
-(each image flipped on every other epoch, from a random start). The VGG's whitening filters come from the
-training images' 2×2 patches; its whitening bias trains for the first 3 epochs only. On a CPU, bf16 autocast
-and channels-last memory roughly double the speed (``--no-bf16`` / ``--no-channels-last`` to compare).
+pulled in every 5 steps, random translations (reflect padding; ±4 px by default), alternating horizontal
+flips (each image flipped on every other epoch, from a random start) and a 12×12 cutout. The VGG's whitening
+filters come from the training images' 2×2 patches; its whitening bias trains for the first 3 epochs only. On
+a CPU, bf16 autocast and channels-last memory make training 2.4× faster than float32 (``--no-bf16`` /
+``--no-channels-last`` to compare; figures in benchmarks/README.md).
 
 Semi-supervised (``--semi``): curriculum labelling (Cascante-Bonilla et al., AAAI 2021). Round 0 trains on the
 labelled images alone — that model is also the labelled-only baseline, saved as ``<arch>-labelled<N>``. Each
@@ -40,8 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_data import cifar10_splits, translate_and_flip
 from architectures import WhitenedVGG, make_model
+from cifar_data import cifar10_splits, cutout, translate_and_flip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,8 @@ class Recipe:
     whiten_bias_epochs: int = 3
     lookahead_every: int = 5
     min_steps: int = 0  # small sets (the labelled-only model) train for at least this many steps
+    translate: int = 2  # pixels of random translation
+    cutout: int = 0  # side of the square cut out of every training image (0: none)
 
 
 def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
@@ -166,7 +171,9 @@ def train(
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
             flip = flip_start[idx] ^ bool(epoch % 2)
-            xb = translate_and_flip(to_float(x_device[idx.to(device)]), flip, generator)
+            xb = translate_and_flip(to_float(x_device[idx.to(device)]), flip, generator, shift=recipe.translate)
+            if recipe.cutout:
+                xb = cutout(xb, recipe.cutout, generator)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -221,6 +228,7 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
     return {
         "name": name,
         "arch": arch,
+        "widths": list(args.widths) if args.widths else None,
         "data": "CIFAR-10 (JPEG q75 re-encoding, ../shared/data/cifar10_{train,test}.npz)",
         "split": f"seeded stratified 45,000 train / 5,000 validation (seed {args.split_seed}); test set untouched",
         **extra,
@@ -265,7 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 20 (supervised), 10 per round (--semi)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: 25 (vgg), 30 (resnet9), 10 per round (--semi)"
+    )
+    parser.add_argument("--widths", type=int, nargs="*", default=None, help="channel widths (default: the arch's)")
+    parser.add_argument("--translate", type=int, default=4)
+    parser.add_argument("--cutout", type=int, default=12)
+    parser.add_argument("--name", default=None, help="file name of the weights and card (default: the arch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--semi", action="store_true", help="curriculum labelling with --labels-per-class labels")
@@ -282,8 +296,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bf16 = not args.no_bf16
-    epochs = args.epochs or (10 if args.semi else 20)
-    args.recipe = Recipe(epochs=epochs, min_steps=args.min_steps if args.semi else 0)
+    epochs = args.epochs or (10 if args.semi else 30 if args.arch == "resnet9" else 25)
+    args.recipe = Recipe(
+        epochs=epochs,
+        min_steps=args.min_steps if args.semi else 0,
+        translate=args.translate,
+        cutout=args.cutout,
+    )
     (x, y), val, test = cifar10_splits(args.data_dir, seed=args.split_seed)
     if args.limit:
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.limit]
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         val, test = (val[0][sub_val], val[1][sub_val]), (test[0][sub_test], test[1][sub_test])
     out = Path(args.out)
     if not args.semi:
-        model = make_model(args.arch)
+        model = make_model(args.arch, args.widths)
         result = train(
             model,
             x,
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             val=val,
             eval_every=args.eval_every,
         )
-        save(model, card(args.arch, args.arch, result, model, val, test, device, bf16, args), out)
+        save(model, card(args.name or args.arch, args.arch, result, model, val, test, device, bf16, args), out)
         return
     generator = torch.Generator().manual_seed(args.seed)
     labelled = (
@@ -334,8 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         val=val,
         eval_every=args.eval_every,
     )
-    teacher = make_model(args.arch)
-    base = f"{args.arch}-labelled{len(labelled)}"
+    teacher = make_model(args.arch, args.widths)
+    prefix = args.name or args.arch
+    base = f"{prefix}-labelled{len(labelled)}"
     result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
     save(
         teacher,
@@ -358,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(1, args.rounds + 1):
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
         kept, labels = pseudo_labels(probs, r / args.rounds)
-        student = make_model(args.arch)
+        student = make_model(args.arch, args.widths)
         xs = torch.cat([x[labelled], x[unlabelled[kept]], x[unlabelled]])[: len(labelled) + len(kept)]
         ys = torch.cat([y[labelled], labels])
         result = train(student, xs, ys, args.recipe, label=f"semi round {r}", **common)
@@ -375,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rounds[-1]), flush=True)
         teacher = student
     result = {**result, "seconds": round(seconds, 1), "rounds": rounds}
-    name = f"{args.arch}-semi{len(labelled)}"
+    name = f"{prefix}-semi{len(labelled)}"
     save(
         teacher,
         card(
