@@ -64,7 +64,7 @@ def test_tanh_variant_bounds_the_features():
     model = make_model("vgg-tanh").eval()
     with torch.no_grad():
         features = model.features(torch.rand(8, 3, 32, 32))
-    assert features.abs().max() <= 1 and features.shape == (8, 256)
+    assert features.abs().max() <= 1 and features.shape == (8, 384)
 
 
 def test_whitening_filters_whiten_the_patches():
