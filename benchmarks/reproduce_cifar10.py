@@ -225,8 +225,9 @@ def _rule_row(rule: str):
     return make
 
 
-def score_model(data: EvalData, args: argparse.Namespace, say) -> EvalResult:
-    """Every row on every source and on the design and held-out streams."""
+def score_model(data: EvalData, args: argparse.Namespace, say) -> tuple[EvalResult, dict[str, str]]:
+    """Every row on every source and on the design and held-out streams; and the rows whose scorer refused
+    this model's features (``{row: the scorer's error}``, e.g. ASH on features with negative values)."""
     names = [src.name for src in data.sources]
     streams = {
         group: [
@@ -246,8 +247,14 @@ def score_model(data: EvalData, args: argparse.Namespace, say) -> EvalResult:
         derived=derived,
         progress=say,
     )
-    fixed = evaluate_features(data, scorers=list(FIXED_ROWS), seeds=[0], streams=streams, progress=say)
-    return _merge([seeded, fixed])
+    parts, refused = [seeded], {}
+    for row in FIXED_ROWS:
+        try:
+            parts.append(evaluate_features(data, scorers=[row], seeds=[0], streams=streams, progress=say))
+        except ValueError as error:  # the scorer's documented refusal, reported on the page
+            say(f"{row} refused: {error}")
+            refused[row] = str(error)
+    return _merge(parts), refused
 
 
 PURIFY_NU = (0.0, 0.01)
@@ -289,7 +296,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     data = collect_cached(model, name, args, splits, ood, say)
     data.sources += corruption_sources(corruptions_cached(model, name, args, splits, say), data.train.blocks)
     t_collect = time.perf_counter() - t0
-    result = score_model(data, args, say)
+    result, refused = score_model(data, args, say)
     purified = purification(data, say)
     out = Path(args.page).parent / "results" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +320,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
         "stream_sizes": result.stream_sizes,
         "streams": {stream: sorted(by_row) for stream, by_row in result.stream_scores.items()},
         "purification": purified,
+        "refused": refused,
     }
     (summary / "run.json").write_text(json.dumps(run, indent=2))
     return {**run, "result": result}
@@ -519,6 +527,15 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
             f"min (of which features/attacks/corruptions {run['collect_seconds'] / 60:.1f} min, from the cache "
             "where it existed); layers: " + ", ".join(f"`{la}`" for la in run["layers"]) + ".",
             "",
+            *(
+                [
+                    "Rows not fitted on this model (the scorer refused its features): "
+                    + "; ".join(f"`{row}`: {reason}" for row, reason in run.get("refused", {}).items()),
+                    "",
+                ]
+                if run.get("refused")
+                else []
+            ),
             "### Held-out group: AUROC %",
             "",
             *group_table(result, "held-out"),
