@@ -10,8 +10,8 @@ head, and times both modules on the same batch: eager and, on CUDA, captured in 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -19,34 +19,8 @@ from featurefail.features import Features
 from featurefail.scorers import GMMScorer, PerLayer
 from featurefail.scorers.modules import BlockSumScoreModule, GMMScoreModule, TransformedScoreModule
 
-
-def median_time(fn, device: str, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def graphed(module: torch.nn.Module, x: torch.Tensor):
-    static = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            module(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        module(static)
-    return graph.replay
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead_bench import cuda_graphed, median_time
 
 
 def main() -> None:
@@ -87,8 +61,8 @@ def main() -> None:
             b = median_time(lambda m=stacked: m(x), device, args.repeats)
             line = f"| {k} | {a * 1e3:.3f} ms | {b * 1e3:.3f} ms | {a / b:.2f}× |"
             if graphs:
-                ga = median_time(graphed(unfused, x), device, args.repeats)
-                gb = median_time(graphed(stacked, x), device, args.repeats)
+                ga = median_time(cuda_graphed(unfused, x), device, args.repeats)
+                gb = median_time(cuda_graphed(stacked, x), device, args.repeats)
                 line += f" {ga * 1e3:.3f} ms | {gb * 1e3:.3f} ms | {ga / gb:.2f}× |"
         print(line, flush=True)
 

@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         x, y = x[keep], y[keep]
         val, test = (val[0][sub_val], val[1][sub_val]), (test[0][sub_test], test[1][sub_test])
     out = Path(args.out)
+
+    def finish(model: torch.nn.Module, name: str, result: dict, **extra) -> None:
+        save(model, card(name, args.arch, result, model, val, test, device, bf16, args, **extra), out)
+
     if not args.semi:
         model = make_model(args.arch, args.widths)
         result = train(
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             val=val,
             eval_every=args.eval_every,
         )
-        save(model, card(args.name or args.arch, args.arch, result, model, val, test, device, bf16, args), out)
+        finish(model, args.name or args.arch, result)
         return
     generator = torch.Generator().manual_seed(args.seed)
     labelled = (
@@ -357,23 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     prefix = args.name or args.arch
     base = f"{prefix}-labelled{len(labelled)}"
     result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
-    save(
-        teacher,
-        card(
-            base,
-            args.arch,
-            result,
-            teacher,
-            val,
-            test,
-            device,
-            bf16,
-            args,
-            labelled_images=len(labelled),
-            unlabelled_images=0,
-        ),
-        out,
-    )
+    finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
     rounds, seconds = [], result["seconds"]
     for r in range(1, args.rounds + 1):
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
@@ -396,23 +384,13 @@ def main(argv: list[str] | None = None) -> None:
         teacher = student
     result = {**result, "seconds": round(seconds, 1), "rounds": rounds}
     name = f"{prefix}-semi{len(labelled)}"
-    save(
+    finish(
         teacher,
-        card(
-            name,
-            args.arch,
-            result,
-            teacher,
-            val,
-            test,
-            device,
-            bf16,
-            args,
-            method="curriculum labelling",
-            labelled_images=len(labelled),
-            unlabelled_images=len(unlabelled),
-        ),
-        out,
+        name,
+        result,
+        method="curriculum labelling",
+        labelled_images=len(labelled),
+        unlabelled_images=len(unlabelled),
     )
 
 
