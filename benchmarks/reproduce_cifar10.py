@@ -440,7 +440,9 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads (shared with other jobs), torch "
         f"{torch.__version__}. Wall time per model below (feature extraction, attacks and corruptions, then "
-        f"scoring); this page was written by an invocation of {total / 60:.1f} min.",
+        f"scoring); the model runs behind this page took {sum(run['seconds'] for run in runs) / 60:.1f} min in "
+        f"all (this invocation: {total / 60:.1f} min). Building the cache with `--collect-only` (features of all "
+        "splits, attacks, corruptions) is timed in the log of that invocation, not here.",
         "",
         *(
             [
