@@ -365,3 +365,35 @@ def test_inspect_command_prints_the_plan(tmp_path, capsys):
     assert "features: 20 dims in 1 block(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="integers"):
         main(["inspect", "--model", f"{tmp_path / 'net.py'}:make", "--input-shape", "3x32"])
+
+
+class ScaledLogits(nn.Module):
+    """airbench / CLIP style: the logits are the head's output times a constant (``logit_scale``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(12, 5)
+        self.logit_scale = 1 / 9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).amax((2, 3))) * self.logit_scale
+
+
+def test_a_head_times_a_constant_is_found_and_its_linear_map_includes_the_constant():
+    torch.manual_seed(0)
+    model = ScaledLogits()
+    x = torch.randn(6, 3, 16, 16)
+    hook, feats, logits = hooked(model, x, layer=None)
+    assert hook.heads == ["head"] and hook.head_combine == "scaled"
+    assert hook.head_scale == pytest.approx(1 / 9, rel=1e-5)
+    torch.testing.assert_close(feats, head_inputs(model, ["head"], x))
+    weight, bias = hook.head_linear()
+    torch.testing.assert_close(feats @ weight.T + bias, logits, rtol=1e-4, atol=1e-5)  # fails without the constant
+    torch.testing.assert_close(weight, model.head.weight.detach() / 9)
+    auto, auto_feats, _ = hooked(model, x, layer="auto")
+    assert auto.resolved_layers[0] is None and auto.head_combine == "scaled"
+    torch.testing.assert_close(auto_feats[:, :12], feats)
+    assert "times a constant" in str(describe(model, x))

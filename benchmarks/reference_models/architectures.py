@@ -112,13 +112,6 @@ class WhitenedVGG(nn.Module):
         logits = self.head(self.features(x))
         return logits if self.logit_scale == 1 else logits * self.logit_scale
 
-    @torch.no_grad()
-    def fold_logit_scale(self) -> None:
-        """Multiply the head's weights by the logit scale (then 1): the same function, and the head's output is
-        the logits, as a detector's head discovery expects."""
-        self.head.weight.mul_(self.logit_scale)
-        self.logit_scale = 1.0
-
 
 class Residual(nn.Module):
     """``x + f(x)``."""
@@ -166,8 +159,6 @@ class ResNet9(nn.Module):
         logits = self.head(self.features(x))
         return logits if self.logit_scale == 1 else logits * self.logit_scale
 
-    fold_logit_scale = WhitenedVGG.fold_logit_scale
-
 
 ARCHITECTURES = {
     "vgg": lambda widths: WhitenedVGG(widths or (96, 384, 384)),
@@ -184,12 +175,11 @@ def make_model(arch: str, widths: tuple[int, ...] | None = None) -> nn.Module:
 
 
 def load_reference_model(path: str | Path) -> nn.Module:
-    """The model saved at ``path`` (``<name>.safetensors`` beside its ``<name>.json`` card), in eval mode, float32,
-    with the logit scale folded into the head (so ``model.head``'s output is the logits)."""
+    """The model saved at ``path`` (``<name>.safetensors`` beside its ``<name>.json`` card), in eval mode, float32.
+    Its logits are ``head(features) * logit_scale``; featurefail's head discovery finds such a scaled head."""
     path = Path(path)
     info = json.loads(path.with_suffix(".json").read_text())
     model = make_model(info["arch"], info.get("widths"))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)
-    model.fold_logit_scale()
     return model.eval()

@@ -481,8 +481,10 @@ def _innermost(calls: list[_Call]) -> list[_Call]:
     return [c for c in calls if not any(c.contains(o) for o in calls if o is not c)]
 
 
-def _find_heads(trace: _Trace, model: nn.Module) -> tuple[list[_Call], str]:
-    """The call(s) whose output is the logits, and how they combine (``"single"``, ``"sum"`` or ``"mean"``)."""
+def _find_heads(trace: _Trace, model: nn.Module) -> tuple[list[_Call], str, float]:
+    """The call(s) whose output is the logits, how they combine (``"single"``, ``"sum"``, ``"mean"``, or
+    ``"scaled"``: one module's output times a constant, as ``head(f) * logit_scale``), and that constant (1.0
+    unless ``"scaled"``)."""
     logits = trace.logits
     targets = [logits]
     try:
@@ -495,10 +497,17 @@ def _find_heads(trace: _Trace, model: nn.Module) -> tuple[list[_Call], str]:
         producers = [c for c in trace.calls if _same(c.out, target) and not _same(c.inp, target)]
         producers = _innermost(producers)
         if producers:
-            return [max(producers, key=lambda c: c.end)], "single"
+            return [max(producers, key=lambda c: c.end)], "single", 1.0
     shaped = [c for c in trace.calls if c.out is not None and c.out.shape == logits.shape and not _same(c.inp, logits)]
     shaped = _innermost(shaped)[-8:]
     scale = float(logits.abs().max()) if logits.numel() else 1.0
+    for call in reversed(shaped):  # logits = c · output of one module, c a constant (least squares, then checked)
+        out = call.out.to(logits.dtype)
+        norm = float((out * out).sum())
+        factor = float((out * logits).sum()) / norm if norm > 0 else 0.0
+        if factor != 0.0 and math.isfinite(factor) and abs(factor - 1.0) > 1e-6:
+            if torch.allclose(out * factor, logits, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+                return [call], "scaled", factor
     for k in (2, 3):
         for combo in itertools.combinations(shaped, k):
             if any(a.contains(b) or b.contains(a) for a, b in itertools.combinations(combo, 2)):
@@ -506,7 +515,7 @@ def _find_heads(trace: _Trace, model: nn.Module) -> tuple[list[_Call], str]:
             total = sum((c.out.to(logits.dtype) for c in combo), torch.zeros_like(logits))
             for how, value in (("sum", total), ("mean", total / k)):
                 if torch.allclose(value, logits, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
-                    return sorted(combo, key=lambda c: c.start), how
+                    return sorted(combo, key=lambda c: c.start), how, 1.0
     ran = sorted(trace.calls, key=lambda c: c.end)[-8:]
     listing = ", ".join(
         f"{c.name} ({type(c.module).__name__}) -> {tuple(c.out.shape) if c.out is not None else '-'}" for c in ran
@@ -514,7 +523,8 @@ def _find_heads(trace: _Trace, model: nn.Module) -> tuple[list[_Call], str]:
     has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
     why = "the model has no nn.Linear and " if not has_linear else ""
     raise ValueError(
-        f"{why}no module's output is the logits (shape {tuple(logits.shape)}), nor a sum or mean of a few modules' "
+        f"{why}no module's output is the logits (shape {tuple(logits.shape)}), nor a constant multiple of one, nor a "
+        "sum or mean of a few modules' "
         "outputs, so the head cannot be found (is it a function in forward, or a convolution reshaped later?). "
         f"Pass layer= a module name, e.g. 'name:input' or 'name:output'. Candidates (last modules that ran): {listing}"
     )
@@ -655,7 +665,7 @@ def auto_layers(
     as no stage shrinks to 1×1.
     """
     trace = _probe(model, _head_rows(example), output_fn or default_output_fn)
-    heads, _ = _find_heads(trace, model)
+    heads, _, _ = _find_heads(trace, model)
     return _auto_from_trace(trace, heads, n_stages, token_pool)
 
 
@@ -700,7 +710,8 @@ class FeatureHook:
 
     Attributes (after the first call):
         resolved_layers: one spec per block, with the layout recorded (``None`` = the head's input).
-        heads: dotted names of the head module(s); head_combine: ``"single"``, ``"sum"`` or ``"mean"``.
+        heads: dotted names of the head module(s); head_combine: ``"single"``, ``"sum"``, ``"mean"`` or
+            ``"scaled"`` (one head times the constant ``head_scale``).
         layer_names: one name per block (heads joined by ``"+"``); layer_name: all joined by ``"+"``.
         block_sizes: ``(D_1, …, D_L)``.
         head: the head ``nn.Linear`` when the features are exactly its input, else None (see :meth:`head_linear`).
@@ -749,6 +760,7 @@ class FeatureHook:
         self._blocks: list[_Block] | None = None
         self.heads: list[str] = []
         self.head_combine: str | None = None
+        self.head_scale = 1.0
         self._head_modules: list[nn.Module] = []
         self.resolved_layers: list[str | None] | None = None
         self.block_sizes: tuple[int, ...] | None = None
@@ -799,12 +811,12 @@ class FeatureHook:
         need_head = self._auto or any(r is None for r in self._requested)
         heads: list[_Call] = []
         if need_head:
-            heads, self.head_combine = _find_heads(trace, self.model)
+            heads, self.head_combine, self.head_scale = _find_heads(trace, self.model)
         else:
             try:
-                heads, self.head_combine = _find_heads(trace, self.model)
+                heads, self.head_combine, self.head_scale = _find_heads(trace, self.model)
             except ValueError:
-                heads, self.head_combine = [], None
+                heads, self.head_combine, self.head_scale = [], None, 1.0
         self.heads = [h.name if trace.counts.get(h.name, 1) == 1 else f"{h.name}@{h.index}" for h in heads]
         self._head_modules = [h.module for h in heads]
         requested = self._requested
@@ -830,7 +842,7 @@ class FeatureHook:
         single = len(blocks) == 1 and blocks[0].spec is None and len(heads) == 1
         self.head = heads[0].module if single and isinstance(heads[0].module, nn.Linear) else None
         _remember_plan(self.model, self._plan_keys(), _Plan(blocks, list(self.heads), self.head_combine,
-                       list(self._head_modules), self.output_fn))  # fmt: skip
+                       list(self._head_modules), self.output_fn, self.head_scale))  # fmt: skip
         return trace
 
     def _adopt(self) -> bool:
@@ -840,6 +852,7 @@ class FeatureHook:
         if plan is None or plan.output_fn is not self.output_fn:
             return False
         self._blocks, self.heads, self.head_combine = plan.blocks, list(plan.heads), plan.how
+        self.head_scale = plan.scale
         self._head_modules = list(plan.head_modules)
         self.resolved_layers = [b.spec for b in plan.blocks]
         self.layer_names = [
@@ -893,7 +906,8 @@ class FeatureHook:
         """The head as one linear map on the head's input block: ``(weight (C, D), bias (C,))``, or None.
 
         One ``nn.Linear`` head gives its weight and bias; several heads whose outputs are summed give
-        ``[W_1 … W_k]`` and ``Σ b_i``, averaged ones ``[W_1 … W_k] / k`` and ``Σ b_i / k`` (``D`` = the sum of
+        ``[W_1 … W_k]`` and ``Σ b_i``, averaged ones ``[W_1 … W_k] / k`` and ``Σ b_i / k``, one whose output is
+        multiplied by a constant ``c`` (``"scaled"``) ``c·W`` and ``c·b`` (``D`` = the sum of
         the heads' input widths, in call order, as captured). None before the first call, when a head is not an
         ``nn.Linear``, or when no block is the head's input.
         """
@@ -902,7 +916,7 @@ class FeatureHook:
         if not all(isinstance(m, nn.Linear) for m in self._head_modules):
             return None
         k = len(self._head_modules)
-        scale = 1.0 / k if self.head_combine == "mean" else 1.0
+        scale = (1.0 / k if self.head_combine == "mean" else 1.0) * self.head_scale
         weight = torch.cat([m.weight.detach() for m in self._head_modules], dim=1) * scale
         bias = sum(
             (m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=m.weight.device))
@@ -1025,6 +1039,7 @@ class _Plan:
     how: str | None
     head_modules: list[nn.Module]
     output_fn: Callable[[Any], torch.Tensor]
+    scale: float = 1.0
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Plan]] = weakref.WeakKeyDictionary()
@@ -1161,7 +1176,13 @@ class HookPlan:
         return tuple(b.width for b in self.blocks)
 
     def __str__(self) -> str:
-        how = "" if self.head_combine in (None, "single") else f" ({self.head_combine} of {len(self.heads)} heads)"
+        how = (
+            ""
+            if self.head_combine in (None, "single")
+            else " (its output times a constant)"
+            if self.head_combine == "scaled"
+            else f" ({self.head_combine} of {len(self.heads)} heads)"
+        )
         lines = [
             f"head: {' + '.join(self.heads) or '(none found)'}{how}, {self.n_classes} classes",
             f"features: {sum(self.widths)} dims in {len(self.blocks)} block(s)",
