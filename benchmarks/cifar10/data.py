@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
-from featurefail.ood import NpzImages
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference_models"))
+from cifar_data import cifar10_splits as uint8_cifar10_splits
 
 
 def cifar10_splits(data_dir: str | Path, seed: int = 0):
-    """``(x_train, y_train), (x_val, y_val), (x_test, y_test)`` as float [0, 1] tensors ``(N, 3, 32, 32)``.
-
-    The training file is sorted by class, so the 45,000/5,000 split is a seeded stratified permutation.
-    """
-    data_dir = Path(data_dir)
-    train = NpzImages(data_dir / "cifar10_train.npz")
-    test = NpzImages(data_dir / "cifar10_test.npz")
-    idx = np.arange(len(train))
-    tr, va = train_test_split(idx, test_size=5000, stratify=train.labels.numpy(), random_state=seed)
-    tr, va = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(va))
-    return (train.images[tr], train.labels[tr]), (train.images[va], train.labels[va]), (test.images, test.labels)
+    """``(x_train, y_train), (x_val, y_val), (x_test, y_test)`` as float [0, 1] tensors ``(N, 3, 32, 32)``: the
+    seeded stratified 45,000/5,000 split of ``reference_models/cifar_data.py``, scaled."""
+    return tuple((x.float() / 255, y) for x, y in uint8_cifar10_splits(data_dir, seed))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:

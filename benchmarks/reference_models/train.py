@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
         kept, labels = pseudo_labels(probs, r / args.rounds)
         student = make_model(args.arch, args.widths)
-        xs = torch.cat([x[labelled], x[unlabelled[kept]], x[unlabelled]])[: len(labelled) + len(kept)]
+        xs = torch.cat([x[labelled], x[unlabelled[kept]]])
         ys = torch.cat([y[labelled], labels])
         result = train(student, xs, ys, args.recipe, label=f"semi round {r}", **common)
         seconds += result["seconds"]
