@@ -6,12 +6,13 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from featurefail import DiagonalGMM
-from featurefail.gmm.initialisation import kmeans, kmeans_plusplus
+from featurefail.gmm.initialisation import hard_log_likelihood, kmeans, kmeans_plusplus, kmeans_runs
 
 
 def clustered(n: int = 8000, d: int = 32, n_clusters: int = 45, seed: int = 0) -> np.ndarray:
@@ -76,3 +77,46 @@ def test_default_init_is_deterministic_for_a_fixed_seed_and_streams_alike():
         assert torch.equal(getattr(a, name), getattr(b, name))
     streamed = DiagonalGMM(20, random_state=5, max_iter=3, tol=0).fit([x[:1500], x[1500:]])
     torch.testing.assert_close(streamed.means_, a.means_, rtol=1e-5, atol=1e-5)
+
+
+def test_several_runs_at_once_follow_the_steps_of_each_run_alone():
+    x = torch.from_numpy(clustered(n=3000, d=8, n_clusters=12, seed=4).astype(np.float64))
+    starts = torch.stack([x[torch.randperm(3000, generator=torch.Generator().manual_seed(s))[:10]] for s in range(3)])
+    together, iters, inertias = kmeans_runs(x, starts, chunk=500)
+    for j in range(3):
+        alone, n_iter, inertia = kmeans(x, starts[j], chunk=500)
+        assert iters[j] == n_iter  # a run that converged early is not carried on by the others
+        torch.testing.assert_close(together[j], alone, rtol=1e-12, atol=1e-12)
+        assert inertias[j] == pytest.approx(inertia, rel=1e-12)
+    assert len(set(iters)) > 1  # the three runs stop at different iterations here, so the bookkeeping is exercised
+
+
+def test_batched_seedings_are_independent_valid_seedings():
+    x = torch.from_numpy(clustered(n=2000, d=6, n_clusters=10, seed=5))
+    seeds = kmeans_plusplus(x, 15, torch.Generator().manual_seed(0), n_local_trials=3, n_runs=4)
+    assert seeds.shape == (4, 15, 6)
+    for run in seeds:  # every centre is a row of x, no row twice
+        distance, row = (x[None] - run[:, None]).abs().sum(-1).min(1)
+        assert torch.all(distance == 0) and len(set(row.tolist())) == 15
+    assert not torch.equal(seeds[0], seeds[1])
+    again = kmeans_plusplus(x, 15, torch.Generator().manual_seed(0), n_local_trials=3, n_runs=4)
+    assert torch.equal(seeds, again)
+
+
+def test_hard_log_likelihood_matches_a_brute_force_computation():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(400, 5)) * rng.uniform(0.5, 3, size=5)
+    centers = np.stack([x[rng.choice(400, 7, replace=False)] for _ in range(2)])
+    floor = np.full(5, 1e-3)
+    got = hard_log_likelihood(torch.from_numpy(x), torch.from_numpy(centers), torch.from_numpy(floor), chunk=64)
+    for run, value in zip(centers, got, strict=True):
+        labels = ((x[:, None, :] - run[None]) ** 2).sum(-1).argmin(1)
+        expected = 0.0
+        for k in np.unique(labels):
+            rows = x[labels == k]
+            var = np.maximum(rows.var(0), floor)
+            # each row's log density under its own cluster's diagonal Gaussian, plus its log weight
+            expected += scipy.stats.norm.logpdf(rows, rows.mean(0), np.sqrt(var)).sum()
+            expected += len(rows) * np.log(len(rows) / 400)
+        # the closed form assumes the variance is the rows' own (not floored) variance: no cluster is floored here
+        assert value == pytest.approx(expected, rel=1e-10)

@@ -2,12 +2,15 @@
 
 ``init="kmeans++"`` (default): Lloyd's k-means on all rows, or on ``max(256 K, 65536)`` uniformly drawn rows
 when there are more (at most 256 MiB of them), measured in the data's units (centred, not column-scaled).
-When ``rows · K · D <= 2²⁸`` it is restarted three times and the lowest inertia kept, each run seeded by
-greedy k-means++ (as scikit-learn's ``KMeans``: ``2 + ⌊ln K⌋`` candidates per centre, the one lowering the
-inertia most is kept) on those rows and run to convergence (centre shift below ``1e-4`` of the mean variance,
-at most 100 iterations); otherwise once, seeded by plain k-means++ on ``16 K`` rows, for at most 10
-iterations (each costs about one EM iteration). Empty clusters are re-seeded at the rows farthest from their
-centres. See ``benchmarks/gmm_init_bench.py`` and ``benchmarks/README.md`` for the comparison with scikit-learn.
+When ``rows · K · D <= 2²⁸`` three runs are made together, each seeded by greedy k-means++ (as
+scikit-learn's ``KMeans``: ``2 + ⌊ln K⌋`` candidates per centre, the one lowering the inertia most is kept;
+one pass over the rows per centre serves all three seedings) on those rows and run to convergence (centre
+shift below ``1e-4`` of the mean variance, at most 100 iterations), and the run whose partition has the highest
+diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: it ranked restarts by the
+final EM log-likelihood better than the inertia did in ``benchmarks/gmm_init_bench.py``); otherwise once,
+seeded by plain k-means++ on ``16 K`` rows, for at most 10 iterations (each costs about one EM iteration).
+Empty clusters are re-seeded at the rows farthest from their centres. See ``benchmarks/gmm_init_bench.py`` and
+``benchmarks/README.md`` for the comparison with scikit-learn.
 
 ``init="kmeans++-fast"``: the previous default, plain k-means++ seeding and five Lloyd steps on ``16 K`` rows.
 ``init="random_from_data"``: ``K`` random rows as means.
@@ -24,7 +27,16 @@ import torch
 from .data import FitData
 from .distributed import all_reduce_, broadcast_
 
-__all__ = ["INITS", "assign", "initial_parameters", "kmeans", "kmeans_plusplus", "lloyd", "nearest"]
+__all__ = [
+    "INITS",
+    "hard_log_likelihood",
+    "initial_parameters",
+    "kmeans",
+    "kmeans_plusplus",
+    "kmeans_runs",
+    "lloyd",
+    "nearest",
+]
 
 INITS = ("kmeans++", "kmeans++-fast", "random_from_data")
 INIT_SAMPLES_PER_COMPONENT = 16  # k-means++ seeding runs on at most this many rows per component
@@ -34,9 +46,10 @@ KMEANS_ROWS_PER_COMPONENT = 256  # Lloyd's k-means runs on all rows, or on this 
 KMEANS_MIN_ROWS = 65536  # KMEANS_MIN_ROWS, at most KMEANS_MAX_BYTES of them)
 KMEANS_MAX_BYTES = 256 * 2**20
 KMEANS_MAX_ITER = 100
-KMEANS_RESTARTS = 3  # seeding + Lloyd restarts (lowest inertia kept) when one run costs at most KMEANS_CHEAP_WORK
+KMEANS_RESTARTS = 3  # seeding + Lloyd runs (best partition kept) when one run costs at most KMEANS_CHEAP_WORK
 KMEANS_CHEAP_WORK = 2**28  # rows · K · D of the Lloyd sample
 KMEANS_MAX_ITER_LARGE = 10  # Lloyd iterations when a run is not cheap (each costs about one EM iteration)
+SEEDING_THREADED_WORK = 2**24  # multiply-adds per seeding step above which it uses all CPU threads
 KMEANS_TOL = 1e-4  # stop when Σ ||Δ centre||² <= KMEANS_TOL · mean per-dimension variance (scikit-learn's rule)
 
 
@@ -49,71 +62,41 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def assign(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre and its squared distance: ``x (n, D)``, ``centers (K, D)`` -> ``(n,)`` int64, ``(n,)``."""
-    c_sq = (centers * centers).sum(1)
-    labels, dist = [], []
-    for piece in torch.split(x, chunk):
-        d2, idx = torch.addmm(c_sq, piece, centers.T, alpha=-2.0).min(1)
-        labels.append(idx)
-        dist.append((d2 + (piece * piece).sum(1)).clamp_min(0.0))
-    return torch.cat(labels), torch.cat(dist)
-
-
-def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, n_local_trials: int = 1) -> torch.Tensor:
+def kmeans_plusplus(
+    x: torch.Tensor, k: int, generator: torch.Generator, n_local_trials: int = 1, n_runs: int = 1
+) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``x (m, D)`` -> ``k`` centres ``(k, D)``.
 
     Each new centre is drawn with probability proportional to the squared distance to the nearest centre
     chosen so far; when every remaining distance is zero (duplicate rows) the draw is uniform. With
     ``n_local_trials > 1`` (greedy k-means++, as scikit-learn's ``KMeans``) that many candidates are drawn
-    and the one that lowers the total squared distance most is kept.
+    and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
+    independent seedings are drawn together (one pass over ``x`` per centre serves all of them, which is what
+    makes restarts cheap: the pass is memory-bound) and ``(n_runs, k, D)`` is returned.
     """
-    if n_local_trials > 1:
-        return _greedy_kmeans_plusplus(x, k, generator, n_local_trials)
-    m = x.shape[0]
+    m, d = x.shape
+    runs, trials = n_runs, n_local_trials
+    rows_last = x.T.contiguous()  # (D, m): the products below are (candidates, D) @ (D, m), the faster layout
     x_sq = (x * x).sum(1)
-    centers = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = int(torch.randint(m, (1,), generator=generator).item())
-    centers[0] = x[first]
-    d2 = (x_sq - 2.0 * (x @ centers[0]) + x_sq[first]).clamp_min(0.0)
-    uniforms = torch.rand(k, generator=generator, dtype=torch.float64)
+    centers = torch.empty(runs, k, d, dtype=x.dtype, device=x.device)
+    first = torch.randint(m, (runs,), generator=generator).to(x.device)
+    centers[:, 0] = x[first]
+    d2 = torch.addmm(x_sq[first][:, None], centers[:, 0], rows_last, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+    uniforms = torch.rand(k, runs, trials, generator=generator, dtype=torch.float64).to(x.device)
+    run_index = torch.arange(runs, device=x.device)
     for i in range(1, k):
-        cumulative = torch.cumsum(d2.double(), 0)
-        total = float(cumulative[-1].item())
-        if total > 0.0 and math.isfinite(total):
-            target = cumulative.new_tensor([uniforms[i].item() * total])
-            idx = int(torch.searchsorted(cumulative, target).clamp_max(m - 1).item())
-        else:
-            idx = int(uniforms[i].item() * m) % m
-        centers[i] = x[idx]
-        new_d2 = (x_sq - 2.0 * (x @ centers[i]) + x_sq[idx]).clamp_min(0.0)
-        d2 = torch.minimum(d2, new_d2)
-    return centers
-
-
-def _greedy_kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator, trials: int) -> torch.Tensor:
-    m = x.shape[0]
-    x_sq = (x * x).sum(1)
-    centers = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = int(torch.randint(m, (1,), generator=generator).item())
-    centers[0] = x[first]
-    d2 = (x_sq - 2.0 * (x @ centers[0]) + x_sq[first]).clamp_min(0.0)
-    uniforms = torch.rand(k, trials, generator=generator, dtype=torch.float64)
-    for i in range(1, k):
-        cumulative = torch.cumsum(d2.double(), 0)
-        total = float(cumulative[-1].item())
-        if total > 0.0 and math.isfinite(total):
-            targets = (uniforms[i] * total).to(cumulative.device)
-            idx = torch.searchsorted(cumulative, targets).clamp_max(m - 1)
-        else:
-            idx = (uniforms[i] * m).long().clamp_max(m - 1).to(x.device)
-        cand = x[idx]  # (trials, D)
-        cand_d2 = (x_sq[:, None] - 2.0 * (x @ cand.T) + x_sq[idx][None, :]).clamp_min(0.0)  # (m, trials)
-        new_d2 = torch.minimum(d2[:, None], cand_d2)
-        best = int(new_d2.double().sum(0).argmin().item())
-        centers[i] = cand[best]
-        d2 = new_d2[:, best].contiguous()
-    return centers
+        cumulative = torch.cumsum(d2, 1, dtype=torch.float64)  # (runs, m)
+        total = cumulative[:, -1:]
+        drawn = torch.searchsorted(cumulative, uniforms[i] * total).clamp_max(m - 1)  # (runs, trials)
+        degenerate = ~(total > 0.0) | ~torch.isfinite(total)
+        idx = torch.where(degenerate, (uniforms[i] * m).long().clamp_max(m - 1), drawn).flatten()
+        cand = x[idx]  # (runs * trials, D)
+        cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+        new_d2 = torch.minimum(d2[:, None, :], cand_d2.view(runs, trials, m))  # (runs, trials, m)
+        best = new_d2.sum(2, dtype=torch.float64).argmin(1)  # (runs,)
+        centers[:, i] = cand.view(runs, trials, d)[run_index, best]
+        d2 = new_d2[run_index, best]
+    return centers[0] if runs == 1 else centers
 
 
 def kmeans(
@@ -123,48 +106,105 @@ def kmeans(
 
     Stops when ``Σ_k ||Δμ_k||² <= tol · mean_d Var[x_d]`` (scikit-learn's rule) or after ``max_iter``
     iterations. A cluster left empty is moved to the row farthest from its centre (one row per empty cluster).
-    Cluster sums are one matrix product with the one-hot assignment per chunk; the inertia (sum of squared
-    distances to the nearest centre) is that of the last assignment.
+    Cluster sums are an index-add on the CPU and one matrix product with the one-hot assignment elsewhere (no
+    atomics: deterministic); the inertia (sum of squared distances to the nearest centre) is that of the last
+    assignment.
     """
-    k = centers.shape[0]
+    final, n_iter, inertia = kmeans_runs(x, centers[None], chunk, max_iter, tol)
+    return final[0], int(n_iter[0]), float(inertia[0])
+
+
+def kmeans_runs(
+    x: torch.Tensor, centers: torch.Tensor, chunk: int, max_iter: int = KMEANS_MAX_ITER, tol: float = KMEANS_TOL
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """:func:`kmeans` from ``R`` starts ``centers (R, K, D)`` at once: centres ``(R, K, D)``, iterations, inertias.
+
+    Each run follows exactly the steps it would alone (a run stops when it converges); the runs still going
+    share one distance product per chunk.
+    """
+    runs, k, d = centers.shape
     threshold = tol * float(x.var(0, unbiased=False).double().mean().item())
-    centers = centers.clone()
-    n_iter, inertia = 0, math.inf
-    while n_iter < max_iter:
-        n_iter += 1
-        sums = torch.zeros_like(centers)
-        counts = torch.zeros(k, dtype=torch.int64, device=x.device)
+    final = centers.clone()
+    n_iter, inertia = [0] * runs, [math.inf] * runs
+    active = list(range(runs))
+    while active:
+        current = final[active]  # (r, K, D)
+        r = len(active)
+        flat = current.reshape(r * k, d)
+        c_sq = (flat * flat).sum(1)
+        sums = torch.zeros_like(flat)
+        counts = torch.zeros(r * k, dtype=torch.int64, device=x.device)
+        offset = torch.arange(r, device=x.device)[None, :] * k
         dist = []
         for piece in torch.split(x, chunk):
-            labels, d2 = assign(piece, centers, piece.shape[0])
-            onehot = torch.zeros(piece.shape[0], k, dtype=x.dtype, device=x.device)
-            onehot.scatter_(1, labels[:, None], 1.0)
-            sums.addmm_(onehot.T, piece)
-            counts += torch.bincount(labels, minlength=k)
-            dist.append(d2)
-        d2 = torch.cat(dist)
-        inertia = float(d2.double().sum().item())
-        new = sums / counts.clamp_min(1)[:, None].to(x.dtype)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():
-            far = d2.topk(min(int(empty.numel()), x.shape[0])).indices
-            new[empty[: far.numel()]] = x[far]
-            new[empty[far.numel() :]] = centers[empty[far.numel() :]]
-        shift = float(((new - centers).double() ** 2).sum().item())
-        centers = new
-        if shift <= threshold and not empty.numel():
-            break
-    return centers, n_iter, inertia
+            d2, labels = torch.addmm(c_sq, piece, flat.T, alpha=-2.0).view(-1, r, k).min(2)  # (n, r)
+            labels = labels + offset
+            if x.device.type == "cpu":  # deterministic on the CPU; elsewhere it adds with atomics
+                for j in range(r):
+                    sums.index_add_(0, labels[:, j], piece)
+            else:
+                onehot = torch.zeros(piece.shape[0], r * k, dtype=x.dtype, device=x.device)
+                onehot.scatter_(1, labels, 1.0)
+                sums.addmm_(onehot.T, piece)
+            counts += torch.bincount(labels.flatten(), minlength=r * k)
+            dist.append((d2 + (piece * piece).sum(1)[:, None]).clamp_min(0.0))
+        d2_all = torch.cat(dist)  # (m, r)
+        new = (sums / counts.clamp_min(1)[:, None].to(x.dtype)).view(r, k, d)
+        counts = counts.view(r, k)
+        still = []
+        for j, run in enumerate(active):
+            n_iter[run] += 1
+            inertia[run] = float(d2_all[:, j].double().sum().item())
+            empty = torch.nonzero(counts[j] == 0).flatten()
+            if empty.numel():
+                far = d2_all[:, j].topk(min(int(empty.numel()), x.shape[0])).indices
+                new[j, empty[: far.numel()]] = x[far]
+                new[j, empty[far.numel() :]] = current[j, empty[far.numel() :]]
+            shift = float(((new[j] - current[j]).double() ** 2).sum().item())
+            final[run] = new[j]
+            if not (shift <= threshold and not empty.numel()) and n_iter[run] < max_iter:
+                still.append(run)
+        active = still
+    return final, n_iter, inertia
+
+
+def hard_log_likelihood(x: torch.Tensor, centers: torch.Tensor, floor: torch.Tensor, chunk: int) -> list[float]:
+    """Classification log-likelihood of each run's partition: ``x (m, D)``, ``centers (R, K, D)`` -> ``R`` floats.
+
+    Rows go to their nearest centre; each cluster ``k`` (``n_k`` rows) gets its own mean, diagonal variance
+    ``σ²_k`` (at least ``floor (D,)``) and weight ``n_k / m``; the value is
+    ``Σ_k n_k log(n_k / m) − ½ Σ_k n_k Σ_d (log 2πσ²_kd + 1)``, the diagonal mixture's objective on hard labels.
+    Restarts are ranked by it rather than by the inertia: it is the quantity EM goes on to raise.
+    """
+    runs, k, d = centers.shape
+    flat = centers.reshape(runs * k, d)
+    c_sq = (flat * flat).sum(1)
+    offset = torch.arange(runs, device=x.device)[None, :] * k
+    counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(runs * k, 2 * d, dtype=torch.float64, device=x.device)
+    for piece in torch.split(x, chunk):
+        labels = torch.addmm(c_sq, piece, flat.T, alpha=-2.0).view(-1, runs, k).argmin(2) + offset
+        p64 = piece.double()
+        both = torch.cat([p64, p64 * p64], 1)
+        for j in range(runs):
+            counts += torch.bincount(labels[:, j], minlength=runs * k)
+            sums.index_add_(0, labels[:, j], both)
+    safe = counts.clamp_min(1.0)[:, None]
+    mean = sums[:, :d] / safe
+    variance = torch.maximum(sums[:, d:] / safe - mean * mean, floor.double())
+    terms = counts * torch.log(safe[:, 0] / x.shape[0]) - 0.5 * counts * (torch.log(2 * math.pi * variance) + 1).sum(1)
+    return terms.view(runs, k).sum(1).tolist()
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the enclosed CPU code on one thread, restoring the setting after.
+def _one_cpu_thread(device: torch.device, work: int) -> Iterator[None]:
+    """Run the enclosed CPU code on one thread when each of its products is small (``work`` multiply-adds).
 
-    k-means++ seeding is K sequential thin products; on a busy CPU, OpenMP barriers between them cost 30x
-    more than the work (5.8 s against 0.17 s for K=100 on 4,096 rows, measured under load).
+    k-means++ seeding is K sequential thin products; on a busy CPU, OpenMP barriers between small ones cost 30x
+    more than the work (5.8 s against 0.17 s for K=100 on 4,096 rows, measured under load). Larger products
+    (greedy seeding of several runs: rows x D x runs x trials) gain from all threads.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or work >= SEEDING_THREADED_WORK:
         yield
         return
     saved = torch.get_num_threads()
@@ -221,17 +261,19 @@ def initial_parameters(
             sample = data.subsample(m, generator) * metric  # collective: the same rows of the union on every rank
             cheap = sample.shape[0] * k * d <= KMEANS_CHEAP_WORK
             restarts, max_iter = (KMEANS_RESTARTS, KMEANS_MAX_ITER) if cheap else (1, KMEANS_MAX_ITER_LARGE)
-            best, centers = math.inf, None
-            for _ in range(restarts):
-                seed_rows = sample
-                if not cheap and sample.shape[0] > m_seed:
-                    seed_rows = sample[torch.randperm(sample.shape[0], generator=generator)[:m_seed].to(dev)]
-                with _one_cpu_thread(dev):
-                    trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
-                    seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=trials)
-                run_centers, _, inertia = kmeans(sample, seeds, data.chunk_size, max_iter=max_iter)
-                if centers is None or inertia < best:
-                    best, centers = inertia, run_centers / metric
+            seed_rows = sample
+            if not cheap and sample.shape[0] > m_seed:
+                seed_rows = sample[torch.randperm(sample.shape[0], generator=generator)[:m_seed].to(dev)]
+            trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
+            with _one_cpu_thread(dev, seed_rows.shape[0] * d * restarts * trials):
+                seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=trials, n_runs=restarts)
+            runs, _, _ = kmeans_runs(sample, seeds.view(restarts, k, d), data.chunk_size, max_iter=max_iter)
+            if restarts > 1:
+                scores = hard_log_likelihood(sample, runs, floor.to(data.dtype) * metric**2, data.chunk_size)
+                best = max(range(restarts), key=scores.__getitem__)
+            else:
+                best = 0
+            centers = runs[best] / metric
         elif init == "kmeans++-fast":
             sample = data.subsample(m_seed, generator) * metric
             centers = kmeans_plusplus(sample, k, generator)
