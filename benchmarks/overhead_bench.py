@@ -2,7 +2,10 @@
 
 A CIFAR-style ResNet-20 (3 stages × 3 basic blocks, widths 16/32/64, 64-d penultimate features, 32×32×3
 inputs; or ``--model wrn``) with a GMM of K = 100 and K = 1000 components, at batch sizes 1, 64 and 256. Each
-figure is the median of repeated timed calls after warm-up, all in one run, so the ratios compare like with like.
+figure is the median of repeated timed calls after warm-up, all in one run. The plain forward and the
+``as_module()`` forward are timed **interleaved** (plain, module, plain, module, ...), and the overhead is the
+median of the per-pair ratios with its interquartile range: a slow spell of a shared machine then hits both
+sides alike instead of whichever was being timed. The load average before and after is printed.
 
 Usage::
 
@@ -24,6 +27,7 @@ which is enough to time it. The last table gives the ratios ``as_module()/plain`
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -54,6 +58,25 @@ def median_time(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(fn_a, fn_b, device: str, repeats: int) -> tuple[float, float, list[float]]:
+    """Median seconds of ``fn_a`` and ``fn_b`` timed alternately, and the quartiles of the per-pair ratio b/a."""
+    for _ in range(3):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.quantiles(ratios, n=4)
+
+
 def cuda_graphed(fn, x: torch.Tensor):
     """Capture ``fn(static_x)`` in a CUDA graph; the returned callable replays it (same shapes every call)."""
     static_x = x.clone()
@@ -80,7 +103,7 @@ MODELS = {"resnet20": ("ResNet-20", ResNet20), "wrn": ("WideResNet-28-10", lambd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--detector", choices=["paper", "default", "conformal_fusion"], default="paper")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     parser.add_argument("--cuda-graphs", action="store_true", help="also time both forwards captured in CUDA graphs")
@@ -99,10 +122,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"torch {torch.__version__}, {device} ({name}); {model_name} on 32×32×3, median of {args.repeats}; "
-        f"{args.detector} detector"
+        f"{args.detector} detector; load average {os.getloadavg()[0]:.2f} at the start"
     )
     graphs = args.cuda_graphs and device.startswith("cuda")
-    head = "| K | batch | plain forward | as_module() | extra | detector.score() | extra |"
+    head = "| K | batch | plain forward | as_module() | extra (IQR of paired ratios) | detector.score() | extra |"
     rule = "|---|---|---|---|---|---|---|"
     if graphs:
         head += " plain, CUDA graph | as_module(), CUDA graph | extra |"
@@ -124,23 +147,26 @@ def main() -> None:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32, device=device)
             with torch.inference_mode():
-                plain = median_time(lambda x=x: model(x), device, args.repeats)
-                fused = median_time(lambda x=x, m=module: m(x), device, args.repeats)
+                plain, fused, (q1, ratio, q3) = interleaved_times(
+                    lambda x=x: model(x), lambda x=x, m=module: m(x), device, args.repeats
+                )
             scored = median_time(lambda x=x, d=det: d.score(x), device, args.repeats)
             line = (
-                f"| {k} | {batch} | {plain * 1e3:.2f} ms | {fused * 1e3:.2f} ms | {100 * (fused / plain - 1):+.1f}% "
+                f"| {k} | {batch} | {plain * 1e3:.2f} ms | {fused * 1e3:.2f} ms | {100 * (ratio - 1):+.1f}% "
+                f"({100 * (q1 - 1):+.1f} to {100 * (q3 - 1):+.1f}) "
                 f"| {scored * 1e3:.2f} ms | {100 * (scored / plain - 1):+.1f}% |"
             )
             g_ratio = None
             if graphs:
                 with torch.inference_mode():
-                    g_plain = median_time(cuda_graphed(model, x), device, args.repeats)
-                    g_fused = median_time(cuda_graphed(module, x), device, args.repeats)
-                g_ratio = g_fused / g_plain
+                    g_plain, g_fused, (_, g_ratio, _) = interleaved_times(
+                        cuda_graphed(model, x), cuda_graphed(module, x), device, args.repeats
+                    )
                 line += f" {g_plain * 1e3:.3f} ms | {g_fused * 1e3:.3f} ms | {100 * (g_ratio - 1):+.1f}% |"
             print(line, flush=True)
-            ratios.append((k, batch, plain, fused / plain, g_ratio))
-    print(f"\nRatios as_module()/plain forward, {model_name}, {args.detector} detector, {device}:\n")
+            ratios.append((k, batch, plain, ratio, g_ratio))
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    print(f"\nRatios as_module()/plain forward (median of paired calls), {model_name}, {args.detector}, {device}:\n")
     print("| model | detector | K | batch | plain forward | eager ratio | CUDA-graph ratio |")
     print("|---|---|---|---|---|---|---|")
     for k, batch, plain, ratio, g_ratio in ratios:

@@ -648,10 +648,10 @@ def overhead_section(out: Path) -> list[str]:
                 f"### Inference cost: `{detector}`",
                 "",
                 f"`python benchmarks/overhead_bench.py --device cpu --detector {detector} > "
-                f"{out}/overhead_{detector}.txt`, each figure a median of 20 calls. It ran on the shared 2-core "
-                "CPU under a load of 5–15 other processes: if `as_module()` (which contains the plain forward) "
-                "comes out faster than the plain forward, contention dominates and the table does **not** "
-                "measure the detector's cost — re-run it on an idle machine.",
+                f"{out}/overhead_{detector}.txt` (plain and `as_module()` forwards timed alternately; the "
+                "overhead is the median of the paired ratios, its interquartile range in brackets; the load "
+                "average of the machine is printed before and after: above ~1 on this 2-core machine, other "
+                "work shared the cores and the figures are not the detector's cost alone).",
                 "",
                 *path.read_text().strip().splitlines(),
                 "",
