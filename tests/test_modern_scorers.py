@@ -329,3 +329,27 @@ def test_head_scorers_need_the_head_and_per_layer_scorers_sum_blocks(trained_mlp
     det = FailureDetector(scorer="vim", progress=False).fit_features(feats, head=(weight, bias))
     torch.testing.assert_close(det.score_features(feats), with_head(ViM(), weight, bias).fit(feats).score(feats))
     assert get_scorer("vim").get_params() == {"dim": None}
+
+
+def test_input_perturbing_scorers_leave_no_hook_behind_when_the_model_fails_midway(trained_mlp):
+    model, splits = trained_mlp
+    x_train, y_train = splits["train"]
+    x_test = splits["test"][0][:130]
+    for name, options in (("odin", {"temperature": 10.0, "epsilon": 0.05}), ("mahalanobis", {"epsilon": 0.01})):
+        det = FailureDetector(scorer=name, **options, progress=False, batch_size=64)
+        det.fit(model, batches(x_train, y_train))
+        calls = {"n": 0}
+
+        def fail_on_the_third_batch(module, args, calls=calls):
+            calls["n"] += 1
+            if calls["n"] > 4:  # two forward passes per batch: the third batch's first pass fails
+                raise RuntimeError("boom")
+
+        guard = model.register_forward_pre_hook(fail_on_the_third_batch)
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                det.score(x_test)
+        finally:
+            guard.remove()
+        hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+        assert hooks == [], name  # the detector's feature hook was removed although the pass raised

@@ -84,9 +84,7 @@ def test_defaults_are_explicit_values_in_one_place():
     assert config.per_layer is DEFAULT_DETECTOR["per_layer"]
     assert config.scorer_options == GMMScorer(**DEFAULT_DETECTOR["scorer_options"], random_state=0).get_params()
     assert FailureDetector(seed=4).config.scorer_options["random_state"] == 4
-    assert FailureDetector(scorer="gmm").config == DetectorConfig(
-        scorer="gmm", scorer_options=GMMScorer().get_params()
-    )
+    assert FailureDetector(scorer="gmm").config == DetectorConfig(scorer="gmm", scorer_options=GMMScorer().get_params())
 
 
 def test_architecture_page_example_runs_and_is_the_one_shown():
@@ -107,8 +105,13 @@ def test_describe_shows_what_fit_will_hook_before_fitting():
     from torch import nn
 
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
     ).train()
     x = torch.rand(4, 3, 16, 16)
     plan = FailureDetector().describe(model, x[:2])

@@ -58,6 +58,7 @@ __all__ = [
 FORMAT_NAME = "featurefail-detector"
 FORMAT_VERSION = 2
 
+
 @dataclass(frozen=True)
 class FittedState:
     """Everything ``fit`` learns, swapped in at once so a failed fit leaves the detector as it was (the save file

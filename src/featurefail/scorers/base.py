@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -68,6 +68,27 @@ class ModelContext:
 
     def with_block(self, block: slice) -> ModelContext:
         return ModelContext(self.model, self.make_hook, self.head_weight, self.head_bias, block)
+
+    def input_batches(self, features: Features, batch_size: int, who: str) -> Iterator[tuple[torch.Tensor, Any]]:
+        """``(x (B, ...), hook)`` per batch of ``features.inputs``, ``x`` on the model's device and ``hook`` the
+        detector's hook on the model (``hook(x) -> (feats, logits)``), for scorers that perturb the inputs.
+
+        Raises:
+            ValueError: when ``features`` holds no inputs.
+            RuntimeError: when no model was attached.
+        """
+        if features.inputs is None:
+            raise ValueError(f"{who} needs the inputs (features.inputs)")
+        if self.model is None or self.make_hook is None:
+            raise RuntimeError(
+                f"{who} needs the model: use it through FailureDetector (which attaches it) "
+                "or call attach(ModelContext(model, make_hook))"
+            )
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with self.make_hook(self.model) as hook:
+            for x in torch.split(features.inputs, batch_size):
+                yield x.to(device), hook
 
 
 class Scorer:

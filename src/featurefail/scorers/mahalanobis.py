@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from ..distributed import all_gather_rows, all_reduce_sum, is_distributed, union_labels
 from ..features import Features
@@ -160,28 +159,16 @@ class Mahalanobis(Scorer):
         g = self.gaussians_
         if eps == 0.0 or len(features) == 0:  # no row (a rank's empty shard): no forward pass
             return -0.5 * g.squared_distances(features.feats).min(dim=1).values
-        if features.inputs is None:
-            raise ValueError("Mahalanobis preprocessing needs the inputs (features.inputs)")
-        context = self._context
-        if context.model is None or context.make_hook is None:
-            raise RuntimeError(
-                "Mahalanobis with epsilon > 0 needs the model: use it through FailureDetector (which attaches it) "
-                "or call attach(ModelContext(model, make_hook))"
-            )
-        block = context.block or slice(None)
-        hook = context.make_hook(context.model)
-        device = _model_device(context.model)
+        block = self._context.block or slice(None)
         scores = []
-        with hook:
-            for x in torch.split(features.inputs, self.batch_size):
-                x = x.to(device)
-                x_in = x.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    d2 = g.squared_distances(hook(x_in)[0][:, block])
-                    (grad,) = torch.autograd.grad(0.5 * d2.min(dim=1).values.sum(), x_in)
-                x = x - eps * grad.sign()
-                with torch.no_grad():
-                    scores.append(-0.5 * g.squared_distances(hook(x)[0][:, block]).min(dim=1).values.cpu())
+        for x, hook in self._context.input_batches(features, self.batch_size, "Mahalanobis with epsilon > 0"):
+            x_in = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                d2 = g.squared_distances(hook(x_in)[0][:, block])
+                (grad,) = torch.autograd.grad(0.5 * d2.min(dim=1).values.sum(), x_in)
+            x = x - eps * grad.sign()
+            with torch.no_grad():
+                scores.append(-0.5 * g.squared_distances(hook(x)[0][:, block]).min(dim=1).values.cpu())
         return torch.cat(scores)
 
     def score(self, features: Features) -> torch.Tensor:
@@ -202,8 +189,3 @@ class Mahalanobis(Scorer):
         self.gaussians_ = TiedGaussians.from_state(state, "")
         self.epsilon_ = epsilon
         return self
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

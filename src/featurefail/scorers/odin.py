@@ -110,37 +110,26 @@ class ODIN(Scorer):
             if features.logits is None:
                 raise ValueError("odin needs logits; these features have none")
             return {(t, e): _max_softmax(features.logits, t) for t, e in settings}
-        context = self._context
-        if features.inputs is None:
-            raise ValueError("odin with epsilon > 0 needs the inputs (features.inputs)")
-        if context.model is None or context.make_hook is None:
-            raise RuntimeError(
-                "odin with epsilon > 0 needs the model: use it through FailureDetector (which attaches it) "
-                "or call attach(ModelContext(model, make_hook))"
-            )
         temps = sorted({t for t, e in settings if e > 0.0})
-        device = _model_device(context.model)
-        with context.make_hook(context.model) as hook:
-            for x in torch.split(features.inputs, self.batch_size):
-                x = x.to(device)
-                x_in = x.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    _, z = hook(x_in)
-                    predicted = z.argmax(dim=1)
-                    steps = {}
-                    for i, t in enumerate(temps):
-                        # −log softmax(z/T)_ŷ summed over the batch; its gradient sign is per input
-                        loss = F.cross_entropy(z / t, predicted, reduction="sum")
-                        (grad,) = torch.autograd.grad(loss, x_in, retain_graph=i + 1 < len(temps))
-                        steps[t] = grad.sign()
-                z = z.detach()
-                for t, e in settings:
-                    if e == 0.0:
-                        out[(t, e)].append(_max_softmax(z, t).cpu())
-                        continue
-                    with torch.no_grad():
-                        _, z_tilde = hook(x - e * steps[t])
-                    out[(t, e)].append(_max_softmax(z_tilde, t).cpu())
+        for x, hook in self._context.input_batches(features, self.batch_size, "odin with epsilon > 0"):
+            x_in = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                _, z = hook(x_in)
+                predicted = z.argmax(dim=1)
+                steps = {}
+                for i, t in enumerate(temps):
+                    # −log softmax(z/T)_ŷ summed over the batch; its gradient sign is per input
+                    loss = F.cross_entropy(z / t, predicted, reduction="sum")
+                    (grad,) = torch.autograd.grad(loss, x_in, retain_graph=i + 1 < len(temps))
+                    steps[t] = grad.sign()
+            z = z.detach()
+            for t, e in settings:
+                if e == 0.0:
+                    out[(t, e)].append(_max_softmax(z, t).cpu())
+                    continue
+                with torch.no_grad():
+                    _, z_tilde = hook(x - e * steps[t])
+                out[(t, e)].append(_max_softmax(z_tilde, t).cpu())
         return {s: torch.cat(v) for s, v in out.items()}
 
     def score(self, features: Features) -> torch.Tensor:
@@ -179,8 +168,3 @@ class ODIN(Scorer):
 
 def _max_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.double() / temperature, dim=1).max(dim=1).values
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
