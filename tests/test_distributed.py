@@ -65,6 +65,13 @@ CASES: dict[str, tuple[dict, float]] = {
     "temperature": ({"scorer": "temperature"}, 1e-4),
     "max_softmax": ({"scorer": "max_softmax"}, 1e-4),
     "max_logit": ({"scorer": "max_logit"}, 1e-4),
+    "energy": ({"scorer": "energy"}, 1e-4),
+    "relative_mahalanobis": ({"scorer": "relative_mahalanobis", "shrinkage": 0.01}, 1e-4),
+    "knn": ({"scorer": "knn", "k": 5, "max_bank": 700, "random_state": 3}, 1e-4),
+    "vim": ({"scorer": "vim", "dim": 8}, 1e-4),
+    "react": ({"scorer": "react"}, 1e-4),
+    "ash": ({"scorer": "ash"}, 1e-4),
+    "odin_auto": ({"scorer": "odin", "temperature": "auto", "epsilon": "auto"}, 1e-4),
 }
 THREE_RANK_CASES = (
     "default_l2_auto",
@@ -74,6 +81,11 @@ THREE_RANK_CASES = (
     "zheng_hong",
     "fused",
     "temperature",
+    "relative_mahalanobis",
+    "knn",
+    "vim",
+    "react",
+    "odin_auto",
 )
 
 

@@ -106,17 +106,25 @@ def test_batched_seedings_are_independent_valid_seedings():
 def test_hard_log_likelihood_matches_a_brute_force_computation():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(400, 5)) * rng.uniform(0.5, 3, size=5)
-    centers = np.stack([x[rng.choice(400, 7, replace=False)] for _ in range(2)])
-    floor = np.full(5, 1e-3)
-    got = hard_log_likelihood(torch.from_numpy(x), torch.from_numpy(centers), torch.from_numpy(floor), chunk=64)
+    far = np.full(5, 40.0)
+    # two identical far rows (a cluster whose spread is floored) and one lone row (a singleton cluster)
+    x = np.vstack([x, far, far, -far])
+    m = len(x)
+    centers = np.stack([np.vstack([x[rng.choice(400, 7, replace=False)], far, -far]) for _ in range(2)])
+    floor, fallback = np.full(5, 1e-3), x.var(0)
+    got = hard_log_likelihood(
+        torch.from_numpy(x), torch.from_numpy(centers), torch.from_numpy(floor), torch.from_numpy(fallback), chunk=64
+    )
     for run, value in zip(centers, got, strict=True):
         labels = ((x[:, None, :] - run[None]) ** 2).sum(-1).argmin(1)
-        expected = 0.0
+        expected, sizes = 0.0, []
         for k in np.unique(labels):
             rows = x[labels == k]
-            var = np.maximum(rows.var(0), floor)
+            sizes.append(len(rows))
+            var = np.maximum(rows.var(0), floor) if len(rows) >= 2 else fallback
             # each row's log density under its own cluster's diagonal Gaussian, plus its log weight
-            expected += scipy.stats.norm.logpdf(rows, rows.mean(0), np.sqrt(var)).sum()
-            expected += len(rows) * np.log(len(rows) / 400)
-        # the closed form assumes the variance is the rows' own (not floored) variance: no cluster is floored here
+            expected += scipy.stats.norm.logpdf(rows, rows.mean(0), np.sqrt(var)).sum() + len(rows) * np.log(
+                len(rows) / m
+            )
+        assert 1 in sizes and 2 in sizes  # the singleton and the floored pair are exercised
         assert value == pytest.approx(expected, rel=1e-10)

@@ -38,6 +38,7 @@ __all__ = [
     "require_distributable",
     "require_identical",
     "require_single_process",
+    "row_offset",
     "run_on_rank_zero",
     "state_digest",
     "synchronise_scorer",
@@ -214,6 +215,15 @@ def _raise_if_any_failed(error: BaseException | None) -> None:
         raise DistributedError(f"rank {r} failed, so this rank stops too: {m}")
 
 
+def row_offset(n_local: int) -> int:
+    """Index of this rank's first row in the union of the shards (rows in rank order): ranks below it hold that many."""
+    active, rank_, _ = distributed_info()
+    if not active:
+        return 0
+    counts = all_gather_rows(torch.tensor([n_local], dtype=torch.int64))
+    return int(counts[:rank_].sum().item())
+
+
 def require_single_process(what: str) -> None:
     """Raise a clear ``RuntimeError`` when called inside a process group of two or more ranks."""
     active, _, world = distributed_info()
@@ -221,8 +231,8 @@ def require_single_process(what: str) -> None:
         raise RuntimeError(
             f"{what} cannot be fitted across processes: under torch.distributed (world size {world}) each rank "
             "would train its own network on its shard. Fit it in one process (gather the features first), or "
-            "use a scorer that supports torch.distributed (gmm, mahalanobis, zheng_hong, fused, temperature, "
-            "max_softmax, max_logit)"
+            "use a scorer that supports torch.distributed (every scorer but vae, maf, pixelcnn and "
+            "conformal_fusion)"
         )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_gather_rows, all_reduce_sum, broadcast, distributed_info
+from ..distributed import all_gather_rows, all_reduce_sum, broadcast, distributed_info, row_offset
 
 __all__ = ["all_gather_rows", "all_reduce_", "broadcast_", "distributed_info", "row_offset"]
 
@@ -21,12 +21,3 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 def broadcast_(t: torch.Tensor) -> torch.Tensor:
     """Overwrite ``t`` with rank 0's value on every rank."""
     return broadcast(t, 0)
-
-
-def row_offset(n_local: int) -> int:
-    """Index of this rank's first row in the union of the shards (rows in rank order): ranks below it hold that many."""
-    active, rank, _ = distributed_info()
-    if not active:
-        return 0
-    counts = all_gather_rows(torch.tensor([n_local], dtype=torch.int64))
-    return int(counts[:rank].sum().item())

@@ -89,8 +89,10 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         reg_covar: **relative** variance floor: every variance is kept ``>= reg_covar · Var[x_d]``, the
             variance of dimension ``d`` in the training data (constant dimensions use the mean variance of
             the others). Unlike scikit-learn's absolute ``reg_covar`` it is not added, and it works at any scale.
-        init: ``"kmeans++"`` (greedy k-means++ seeding, then Lloyd's k-means on all rows, or on
-            ``max(256 K, 65536)`` of them, best of three restarts when that is cheap; then variances and
+        init: ``"kmeans++"`` (Lloyd's k-means on all rows, or on ``max(256 K, 65536)`` of them: when that is
+            cheap, three runs seeded by greedy k-means++, the partition with the highest diagonal
+            classification log-likelihood kept; otherwise one run seeded by plain k-means++ on ``16 K`` rows,
+            at most 10 Lloyd iterations; then variances and
             weights from a hard assignment of all rows), ``"kmeans++-fast"`` (the previous default: k-means++
             and five Lloyd steps on ``16 K`` rows) or ``"random_from_data"`` (random rows as means). See
             :mod:`featurefail.gmm.initialisation`.

@@ -6,8 +6,8 @@ When ``rows · K · D <= 2²⁸`` three runs are made together, each seeded by g
 scikit-learn's ``KMeans``: ``2 + ⌊ln K⌋`` candidates per centre, the one lowering the inertia most is kept;
 one pass over the rows per centre serves all three seedings) on those rows and run to convergence (centre
 shift below ``1e-4`` of the mean variance, at most 100 iterations), and the run whose partition has the highest
-diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: it ranked restarts by the
-final EM log-likelihood better than the inertia did in ``benchmarks/gmm_init_bench.py``); otherwise once,
+diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: ranking the same runs by it
+ended higher after EM than ranking them by inertia, ``benchmarks/gmm_init_ablation.py``); otherwise once,
 seeded by plain k-means++ on ``16 K`` rows, for at most 10 iterations (each costs about one EM iteration).
 Empty clusters are re-seeded at the rows farthest from their centres. See ``benchmarks/gmm_init_bench.py`` and
 ``benchmarks/README.md`` for the comparison with scikit-learn.
@@ -126,7 +126,7 @@ def kmeans_runs(
     threshold = tol * float(x.var(0, unbiased=False).double().mean().item())
     final = centers.clone()
     n_iter, inertia = [0] * runs, [math.inf] * runs
-    active = list(range(runs))
+    active = list(range(runs)) if max_iter > 0 else []
     while active:
         current = final[active]  # (r, K, D)
         r = len(active)
@@ -168,13 +168,19 @@ def kmeans_runs(
     return final, n_iter, inertia
 
 
-def hard_log_likelihood(x: torch.Tensor, centers: torch.Tensor, floor: torch.Tensor, chunk: int) -> list[float]:
+def hard_log_likelihood(
+    x: torch.Tensor, centers: torch.Tensor, floor: torch.Tensor, fallback: torch.Tensor, chunk: int
+) -> list[float]:
     """Classification log-likelihood of each run's partition: ``x (m, D)``, ``centers (R, K, D)`` -> ``R`` floats.
 
-    Rows go to their nearest centre; each cluster ``k`` (``n_k`` rows) gets its own mean, diagonal variance
-    ``σ²_k`` (at least ``floor (D,)``) and weight ``n_k / m``; the value is
-    ``Σ_k n_k log(n_k / m) − ½ Σ_k n_k Σ_d (log 2πσ²_kd + 1)``, the diagonal mixture's objective on hard labels.
-    Restarts are ranked by it rather than by the inertia: it is the quantity EM goes on to raise.
+    Rows go to their nearest centre; each cluster ``k`` (``n_k`` rows, spread ``s²_kd`` about their mean ``μ_k``)
+    gets weight ``n_k / m``, mean ``μ_k`` and the diagonal variance EM would start from (as
+    :func:`initial_parameters`): ``σ²_kd = max(s²_kd, floor_d)``, or ``fallback_d`` (the data's variance) when
+    ``n_k < 2``. The value is ``Σ_k [n_k log(n_k / m) − ½ Σ_d (n_k log 2πσ²_kd + n_k s²_kd / σ²_kd)]``, the
+    diagonal mixture's log-likelihood of the rows with those labels and parameters. Restarts are ranked by it
+    rather than by the inertia: it is the quantity EM goes on to raise, and it weighs each cluster's spread.
+    Sums run in float64 (by index-add: on a GPU their order, hence the last bits, may vary between calls; under
+    ``torch.distributed`` rank 0's choice is broadcast).
     """
     runs, k, d = centers.shape
     flat = centers.reshape(runs * k, d)
@@ -191,8 +197,10 @@ def hard_log_likelihood(x: torch.Tensor, centers: torch.Tensor, floor: torch.Ten
             sums.index_add_(0, labels[:, j], both)
     safe = counts.clamp_min(1.0)[:, None]
     mean = sums[:, :d] / safe
-    variance = torch.maximum(sums[:, d:] / safe - mean * mean, floor.double())
-    terms = counts * torch.log(safe[:, 0] / x.shape[0]) - 0.5 * counts * (torch.log(2 * math.pi * variance) + 1).sum(1)
+    spread = (sums[:, d:] / safe - mean * mean).clamp_min(0.0)
+    variance = torch.where(counts[:, None] >= 2, torch.maximum(spread, floor.double()), fallback.double())
+    per_dim = torch.log(2 * math.pi * variance) + spread / variance
+    terms = counts * torch.log(safe[:, 0] / x.shape[0]) - 0.5 * counts * per_dim.sum(1)
     return terms.view(runs, k).sum(1).tolist()
 
 
@@ -267,9 +275,13 @@ def initial_parameters(
             trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
             with _one_cpu_thread(dev, seed_rows.shape[0] * d * restarts * trials):
                 seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=trials, n_runs=restarts)
-            runs, _, _ = kmeans_runs(sample, seeds.view(restarts, k, d), data.chunk_size, max_iter=max_iter)
+            chunk = max(1, data.chunk_size // restarts)  # the work arrays hold every run's K columns
+            runs, _, _ = kmeans_runs(sample, seeds.view(restarts, k, d), chunk, max_iter=max_iter)
             if restarts > 1:
-                scores = hard_log_likelihood(sample, runs, floor.to(data.dtype) * metric**2, data.chunk_size)
+                in_sample_units = metric.double() ** 2  # the sample is in EM's coordinates times ``metric``
+                scores = hard_log_likelihood(
+                    sample, runs, floor * in_sample_units, data.variance * in_sample_units, data.chunk_size
+                )
                 best = max(range(restarts), key=scores.__getitem__)
             else:
                 best = 0

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..distributed import total_rows
 from ..features import Features
 from .base import ModelContext, Scorer, check_features, register_scorer
 from .energy import check_head_state, check_keys, check_width, classifier_head
@@ -41,6 +42,8 @@ class ASH(Scorer):
         keep_: ``k``; head_weight_, head_bias_: the head, float64.
     """
 
+    supports_distributed = True  # nothing is learned from the rows; the sign check counts all ranks
+
     def __init__(self, percentile: Annotated[float, Field(ge=0.0, lt=100.0)] = 90.0) -> None:
         self.percentile = percentile
         self._context = ModelContext()
@@ -56,7 +59,7 @@ class ASH(Scorer):
     def fit(self, features: Features) -> ASH:
         check_features(features, who="ash")
         weight, bias = classifier_head(self._context, features.feats.shape[1], "ash")
-        negative = int((features.feats < 0).any(dim=1).sum())
+        negative = total_rows(int((features.feats < 0).any(dim=1).sum()))  # every rank raises alike
         if negative:
             raise ValueError(
                 f"ash needs non-negative (post-ReLU) activations; {negative} training row(s) hold negative values"

@@ -71,7 +71,9 @@ class ModelContext:
 
     def input_batches(self, features: Features, batch_size: int, who: str) -> Iterator[tuple[torch.Tensor, Any]]:
         """``(x (B, ...), hook)`` per batch of ``features.inputs``, ``x`` on the model's device and ``hook`` the
-        detector's hook on the model (``hook(x) -> (feats, logits)``), for scorers that perturb the inputs.
+        detector's hook on the model (``hook(x) -> (feats, logits)``), for scorers that perturb the inputs. The
+        hook is removed when the iteration ends; iterate inside ``contextlib.closing(...)`` so that it is also
+        removed at once when the loop body raises. No inputs (an empty shard): no batch.
 
         Raises:
             ValueError: when ``features`` holds no inputs.
@@ -86,6 +88,8 @@ class ModelContext:
             )
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        if len(features.inputs) == 0:  # a rank's empty shard: no forward pass on zero rows
+            return
         with self.make_hook(self.model) as hook:
             for x in torch.split(features.inputs, batch_size):
                 yield x.to(device), hook

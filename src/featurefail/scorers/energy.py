@@ -27,6 +27,8 @@ class Energy(LogitScorer):
         temperature: ``T > 0``.
     """
 
+    supports_distributed = True  # nothing is learned from data
+
     def __init__(self, temperature: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0) -> None:
         self.temperature = temperature
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_gather_rows, broadcast_json, row_offset, total_rows
 from ..features import Features
 from .base import Scorer, check_features, register_scorer
 from .energy import check_keys, check_width
@@ -26,6 +27,8 @@ class KNN(Scorer):
     ``N_queries × N_bank``; a 50k × 512 bank needs its own 100 MB plus ~64 MB of work space), and the
     candidates' distances recomputed in float64 (see :func:`~featurefail.scorers.modules.kth_neighbour_distance`).
     Labels are not used. Scoring the training rows themselves counts each row as its own nearest neighbour.
+    Under ``torch.distributed`` the bank is drawn from the union of all ranks' rows (in rank order) and every
+    rank holds all of it (only the drawn rows are sent).
 
     ``k=50`` is the paper's CIFAR-10 choice (1000 on ImageNet with 1% of the bank). Sun et al. tuned ``k`` with
     outlier (OOD) validation data; here that default is kept and ``k`` may be chosen on in-distribution data
@@ -44,6 +47,8 @@ class KNN(Scorer):
     Attributes:
         bank_: ``(M, D)`` float32 normalised training features, on ``device``.
     """
+
+    supports_distributed = True  # the bank is drawn from all ranks' rows, with one seed
 
     def __init__(
         self,
@@ -68,14 +73,19 @@ class KNN(Scorer):
 
     def fit(self, features: Features) -> KNN:
         check_features(features, who="knn")
-        feats = features.feats
-        if self.max_bank is not None and self.max_bank < len(feats):
-            g = torch.Generator()
-            if self.random_state is not None:
-                g.manual_seed(self.random_state)
-            else:
-                g.seed()
-            feats = feats[torch.randperm(len(feats), generator=g)[: self.max_bank].sort().values]
+        n_local = len(features.feats)
+        n_total = total_rows(n_local)
+        if self.max_bank is not None and self.max_bank < n_total:
+            seed = self.random_state
+            if seed is None:
+                seed = broadcast_json(torch.Generator().seed())  # rank 0's fresh seed on every rank
+            g = torch.Generator().manual_seed(seed)
+            drawn = torch.randperm(n_total, generator=g)[: self.max_bank].sort().values  # indices in the union
+            offset = row_offset(n_local)
+            local = drawn[(drawn >= offset) & (drawn < offset + n_local)] - offset
+            feats = all_gather_rows(features.feats[local])  # only the drawn rows travel
+        else:
+            feats = all_gather_rows(features.feats)
         if not self.k <= len(feats):
             raise ValueError(f"knn: k={self.k} exceeds the {len(feats)} rows of the bank")
         self.bank_ = F.normalize(feats.double(), dim=1).float().to(self._device())

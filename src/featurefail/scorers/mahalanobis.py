@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any, Literal
 
 import torch
@@ -161,14 +162,16 @@ class Mahalanobis(Scorer):
             return -0.5 * g.squared_distances(features.feats).min(dim=1).values
         block = self._context.block or slice(None)
         scores = []
-        for x, hook in self._context.input_batches(features, self.batch_size, "Mahalanobis with epsilon > 0"):
-            x_in = x.clone().requires_grad_(True)
-            with torch.enable_grad():
-                d2 = g.squared_distances(hook(x_in)[0][:, block])
-                (grad,) = torch.autograd.grad(0.5 * d2.min(dim=1).values.sum(), x_in)
-            x = x - eps * grad.sign()
-            with torch.no_grad():
-                scores.append(-0.5 * g.squared_distances(hook(x)[0][:, block]).min(dim=1).values.cpu())
+        batches = self._context.input_batches(features, self.batch_size, "Mahalanobis with epsilon > 0")
+        with contextlib.closing(batches):
+            for x, hook in batches:
+                x_in = x.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    d2 = g.squared_distances(hook(x_in)[0][:, block])
+                    (grad,) = torch.autograd.grad(0.5 * d2.min(dim=1).values.sum(), x_in)
+                x = x - eps * grad.sign()
+                with torch.no_grad():
+                    scores.append(-0.5 * g.squared_distances(hook(x)[0][:, block]).min(dim=1).values.cpu())
         return torch.cat(scores)
 
     def score(self, features: Features) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_gather_rows
 from ..features import Features
 from ..metrics import auroc
 from .base import ModelContext, Scorer, check_features, register_scorer
@@ -52,6 +54,8 @@ class ODIN(Scorer):
         temperature_, epsilon_: the values in use; search_: ``{(T, ε): validation AUROC}`` after an "auto" search.
     """
 
+    supports_distributed = True  # the validation search ranks all ranks' scores together
+
     requires_logits = True
     TEMPERATURE_GRID: ClassVar[tuple[float, ...]] = (1.0, 10.0, 100.0, 1000.0)
     EPSILON_GRID: ClassVar[tuple[float, ...]] = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.004)
@@ -91,14 +95,17 @@ class ODIN(Scorer):
         self.check_fitted()
         check_features(features, labels=True, logits=True, who="odin")
         known = features.labels >= 0
-        correct = features.correct[known]
+        correct = all_gather_rows(features.correct[known])  # under torch.distributed: all ranks' rows
         if correct.all() or (~correct).all():
             return self  # one kind of prediction only: nothing to rank, keep the values in use
         temps = self.TEMPERATURE_GRID if self.temperature == "auto" else (float(self.temperature),)
         epsilons = self.EPSILON_GRID if self.epsilon == "auto" else (float(self.epsilon),)
         grid = list(itertools.product(temps, epsilons))
         scores = self.scores_for(features, grid)
-        search = {(t, e): auroc(s[known][correct], s[known][~correct]) for (t, e), s in scores.items()}
+        search = {}
+        for setting, s in scores.items():
+            s = all_gather_rows(s[known])
+            search[setting] = auroc(s[correct], s[~correct])
         self.temperature_, self.epsilon_ = max(search, key=lambda te: (search[te], -te[1], -te[0]))
         self.search_ = search
         return self
@@ -111,26 +118,29 @@ class ODIN(Scorer):
                 raise ValueError("odin needs logits; these features have none")
             return {(t, e): _max_softmax(features.logits, t) for t, e in settings}
         temps = sorted({t for t, e in settings if e > 0.0})
-        for x, hook in self._context.input_batches(features, self.batch_size, "odin with epsilon > 0"):
-            x_in = x.clone().requires_grad_(True)
-            with torch.enable_grad():
-                _, z = hook(x_in)
-                predicted = z.argmax(dim=1)
-                steps = {}
-                for i, t in enumerate(temps):
-                    # −log softmax(z/T)_ŷ summed over the batch; its gradient sign is per input
-                    loss = F.cross_entropy(z / t, predicted, reduction="sum")
-                    (grad,) = torch.autograd.grad(loss, x_in, retain_graph=i + 1 < len(temps))
-                    steps[t] = grad.sign()
-            z = z.detach()
-            for t, e in settings:
-                if e == 0.0:
-                    out[(t, e)].append(_max_softmax(z, t).cpu())
-                    continue
-                with torch.no_grad():
-                    _, z_tilde = hook(x - e * steps[t])
-                out[(t, e)].append(_max_softmax(z_tilde, t).cpu())
-        return {s: torch.cat(v) for s, v in out.items()}
+        batches = self._context.input_batches(features, self.batch_size, "odin with epsilon > 0")
+        with contextlib.closing(batches):
+            for x, hook in batches:
+                x_in = x.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    _, z = hook(x_in)
+                    predicted = z.argmax(dim=1)
+                    steps = {}
+                    for i, t in enumerate(temps):
+                        # −log softmax(z/T)_ŷ summed over the batch; its gradient sign is per input
+                        loss = F.cross_entropy(z / t, predicted, reduction="sum")
+                        (grad,) = torch.autograd.grad(loss, x_in, retain_graph=i + 1 < len(temps))
+                        steps[t] = grad.sign()
+                z = z.detach()
+                for t, e in settings:
+                    if e == 0.0:
+                        out[(t, e)].append(_max_softmax(z, t).cpu())
+                        continue
+                    with torch.no_grad():
+                        _, z_tilde = hook(x - e * steps[t])
+                    out[(t, e)].append(_max_softmax(z_tilde, t).cpu())
+        empty = torch.zeros(0, dtype=torch.float64)  # no input row (a rank's empty shard)
+        return {s: torch.cat(v) if v else empty for s, v in out.items()}
 
     def score(self, features: Features) -> torch.Tensor:
         self.check_fitted()

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_gather_rows
 from ..features import Features
 from .base import ModelContext, Scorer, check_features, register_scorer
 from .energy import check_head_state, check_keys, check_width, classifier_head, scalar
@@ -38,6 +39,8 @@ class ReAct(Scorer):
         threshold_: the clipping value ``c``; head_weight_, head_bias_: the head, float64.
     """
 
+    supports_distributed = True  # the clipping percentile is taken over all ranks' rows
+
     def __init__(self, percentile: Annotated[float, Field(ge=0.0, le=100.0)] = 90.0) -> None:
         self.percentile = percentile
         self._context = ModelContext()
@@ -49,7 +52,9 @@ class ReAct(Scorer):
     def fit(self, features: Features) -> ReAct:
         check_features(features, who="react")
         weight, bias = classifier_head(self._context, features.feats.shape[1], "react")
-        threshold = float(np.percentile(features.feats.double().numpy(), self.percentile))
+        # under torch.distributed the percentile is that of all ranks' rows: every rank receives all of them
+        every_row = all_gather_rows(features.feats)
+        threshold = float(np.percentile(every_row.double().numpy(), self.percentile))
         self.head_weight_, self.head_bias_, self.threshold_ = weight, bias, threshold
         return self
 

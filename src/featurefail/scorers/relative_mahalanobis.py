@@ -41,6 +41,7 @@ class RelativeMahalanobis(Scorer):
     """
 
     requires_labels = True
+    supports_distributed = True  # both TiedGaussians reduce their class statistics over all ranks
 
     def __init__(self, shrinkage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0) -> None:
         self.shrinkage = shrinkage

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_reduce_sum, total_rows
 from ..features import Features
 from .base import ModelContext, Scorer, check_features, register_scorer
 from .energy import check_head_state, check_keys, check_width, classifier_head, scalar
@@ -54,6 +55,8 @@ class ViM(Scorer):
         dim_, origin_ (``u``), residual_ (``R``), alpha_, head_weight_, head_bias_.
     """
 
+    supports_distributed = True  # the covariance and both means are sums over all ranks' rows
+
     def __init__(self, dim: Annotated[int, Field(ge=1)] | None = None) -> None:
         self.dim = dim
         self._context = ModelContext()
@@ -64,7 +67,8 @@ class ViM(Scorer):
 
     def fit(self, features: Features) -> ViM:
         check_features(features, who="vim")
-        n, width = features.feats.shape
+        width = features.feats.shape[1]
+        n = total_rows(features.feats.shape[0])  # under torch.distributed: every statistic over all ranks' rows
         weight, bias = classifier_head(self._context, width, "vim")
         dim = self.dim if self.dim is not None else default_vim_dim(width)
         if not 1 <= dim < width:
@@ -72,13 +76,14 @@ class ViM(Scorer):
         f = features.feats.double()
         origin = -torch.linalg.pinv(weight) @ bias
         centred = f - origin
-        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / n)
+        eigenvalues, eigenvectors = torch.linalg.eigh(all_reduce_sum(centred.T @ centred) / n)
         residual = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[dim:]].contiguous()
         norms = torch.linalg.vector_norm(centred @ residual, dim=1)
         max_logit = (f @ weight.T + bias).max(dim=1).values
-        if not float(norms.mean()) > 0:
+        norm_sum, max_logit_sum = all_reduce_sum(torch.stack([norms.sum(), max_logit.sum()])).tolist()
+        if not norm_sum > 0:
             raise ValueError(f"vim: the training features have no residual off their top {dim} dimensions; lower dim")
-        alpha = float(max_logit.mean() / norms.mean())
+        alpha = max_logit_sum / norm_sum  # mean max-logit over mean residual norm
         self.dim_, self.origin_, self.residual_, self.alpha_ = dim, origin, residual, alpha
         self.head_weight_, self.head_bias_ = weight, bias
         return self
