@@ -43,19 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cifar10"))
 from models import ResNet20, WideResNet
 
 
+def timed(fn, device: str) -> float:
+    """Seconds of one call of ``fn`` (synchronised on CUDA)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def median_time(fn, device: str, repeats: int) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def interleaved_times(fn_a, fn_b, device: str, repeats: int) -> tuple[float, float, list[float]]:
@@ -63,17 +65,9 @@ def interleaved_times(fn_a, fn_b, device: str, repeats: int) -> tuple[float, flo
     for _ in range(3):
         fn_a()
         fn_b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
+    pairs = [(timed(fn_a, device), timed(fn_b, device)) for _ in range(repeats)]
+    times_a, times_b = zip(*pairs, strict=True)
+    ratios = [b / a for a, b in pairs]
     return statistics.median(times_a), statistics.median(times_b), statistics.quantiles(ratios, n=4)
 
 
