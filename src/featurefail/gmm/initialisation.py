@@ -71,8 +71,9 @@ def kmeans_plusplus(
     chosen so far; when every remaining distance is zero (duplicate rows) the draw is uniform. With
     ``n_local_trials > 1`` (greedy k-means++, as scikit-learn's ``KMeans``) that many candidates are drawn
     and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
-    independent seedings are drawn together (one pass over ``x`` per centre serves all of them, which is what
-    makes restarts cheap: the pass is memory-bound) and ``(n_runs, k, D)`` is returned.
+    independent seedings are drawn together (one product over ``x`` per centre serves all of them: a wider
+    product than each run's thin one, which the CPU computes well below its GEMM speed) and ``(n_runs, k, D)``
+    is returned.
     """
     m, d = x.shape
     runs, trials = n_runs, n_local_trials
