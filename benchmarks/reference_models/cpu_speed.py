@@ -1,13 +1,16 @@
 """Training throughput of the reference models on this CPU: bf16 autocast + channels-last vs float32.
 
     python benchmarks/reference_models/cpu_speed.py
+    python benchmarks/reference_models/cpu_speed.py --compile   # also torch.compile (inductor), bf16 + CL
 
 One SGD step (forward, backward, update) on a batch of 1,024 random images, one warm-up then 3 timed steps,
-for each model and setting, in one run; prints images/s.
+for each model and setting, in one run; prints images/s. With ``--compile`` the model is also wrapped in
+``torch.compile`` and the warm-up step's seconds (the compilation) are printed beside its images/s.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,11 +23,15 @@ from architectures import make_model
 MODELS = [("vgg", (96, 384, 384)), ("resnet9", None), ("vgg", (64, 256, 256))]
 
 
-def images_per_second(arch: str, widths, bf16: bool, channels_last: bool, batch: int = 1024, steps: int = 3) -> float:
+def images_per_second(
+    arch: str, widths, bf16: bool, channels_last: bool, batch: int = 1024, steps: int = 3, compile_model: bool = False
+) -> tuple[float, float]:
+    """Images/s of the timed steps, and the seconds of the warm-up step (compilation included)."""
     torch.manual_seed(0)
     model = make_model(arch, widths)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -33,26 +40,39 @@ def images_per_second(arch: str, widths, bf16: bool, channels_last: bool, batch:
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
+    start = time.perf_counter()
     step()
+    warm_up = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (time.perf_counter() - start), warm_up
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile with bf16 + channels-last")
+    parser.add_argument("--models", nargs="+", type=int, default=list(range(len(MODELS))), help="indices in MODELS")
+    args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| model | bf16 autocast + channels-last | float32, contiguous | speed-up |\n|---|---|---|---|")
-    for arch, widths in MODELS:
-        fast = images_per_second(arch, widths, bf16=True, channels_last=True)
-        slow = images_per_second(arch, widths, bf16=False, channels_last=False)
+    head = "| model | bf16 autocast + channels-last | float32, contiguous | speed-up |"
+    if args.compile:
+        head += " compiled, bf16 + channels-last (first step) | compiled vs eager bf16 |"
+    print(head + "\n|---|---|---|---|" + ("---|---|" if args.compile else ""))
+    for arch, widths in (MODELS[i] for i in args.models):
+        fast, _ = images_per_second(arch, widths, bf16=True, channels_last=True)
+        slow, _ = images_per_second(arch, widths, bf16=False, channels_last=False)
         name = f"{arch} {'/'.join(map(str, widths))}" if widths else arch
-        print(f"| {name} | {fast:.0f} img/s | {slow:.0f} img/s | {fast / slow:.2f}× |", flush=True)
+        line = f"| {name} | {fast:.0f} img/s | {slow:.0f} img/s | {fast / slow:.2f}× |"
+        if args.compile:
+            compiled, first = images_per_second(arch, widths, bf16=True, channels_last=True, compile_model=True)
+            line += f" {compiled:.0f} img/s ({first:.0f} s) | {compiled / fast:.2f}× |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
