@@ -6,10 +6,11 @@ all rows (the shards concatenated in rank order) with the same seed and compares
 
 Tolerances: scores are float32 (the detector's output), so ``rtol=1e-4`` is float32 rounding of float64
 statistics summed in a different order. The mixtures are fitted in float64 where the scorer has a ``dtype``
-setting. ZhengHong's class mixtures and the fused scorer's GMM have none and run EM in float32, whose products
-round differently for chunks of other shapes, so a split fit follows another path (measured: a class mixture with
-2 components reached 19.644 nats on two ranks against 19.654 in one process; float64: equal). The ranks still
-agree bit for bit; only the comparison with one process is affected, so these two are compared with one
+setting. ZhengHong's class mixtures and the fused and conformal-fusion scorers' GMMs have none and run EM in
+float32, whose products round differently for chunks of other shapes, so a split fit follows another path
+(measured: a class mixture with 2 components reached 19.644 nats on two ranks against 19.654 in one process;
+float64: equal). The ranks still agree bit for bit; only the comparison with one process is affected, so these
+three are compared with one
 component per mixture, fitted with ``fit_features`` on features extracted once so that the rows are
 bit-identical (the model's float32 products also differ in the last bit between batch compositions).
 """
@@ -43,7 +44,7 @@ from featurefail.distributed import (
 F64 = {"dtype": "float64"}
 # name -> (FailureDetector keywords, relative tolerance of the scores against one process); FEATURE_CASES are
 # fitted and calibrated on precomputed penultimate features (fit_features), the others on the model (fit)
-FEATURE_CASES = ("zheng_hong", "fused")
+FEATURE_CASES = ("zheng_hong", "fused", "conformal_fusion")
 CASES: dict[str, tuple[dict, float]] = {
     "default_l2_auto": ({"n_components": 3, **F64}, 1e-4),  # FailureDetector(): per layer, "auto" layers
     "gmm_pca": ({"scorer": "gmm", "n_components": 4, "preprocess": "pca:0.95", **F64}, 1e-4),
@@ -72,6 +73,7 @@ CASES: dict[str, tuple[dict, float]] = {
     "react": ({"scorer": "react"}, 1e-4),
     "ash": ({"scorer": "ash"}, 1e-4),
     "odin_auto": ({"scorer": "odin", "temperature": "auto", "epsilon": "auto"}, 1e-4),
+    "conformal_fusion": ({"scorer": "conformal_fusion", "n_components": 1}, 1e-4),
 }
 THREE_RANK_CASES = (
     "default_l2_auto",
@@ -86,6 +88,7 @@ THREE_RANK_CASES = (
     "vim",
     "react",
     "odin_auto",
+    "conformal_fusion",
 )
 
 

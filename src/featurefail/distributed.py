@@ -231,8 +231,7 @@ def require_single_process(what: str) -> None:
         raise RuntimeError(
             f"{what} cannot be fitted across processes: under torch.distributed (world size {world}) each rank "
             "would train its own network on its shard. Fit it in one process (gather the features first), or "
-            "use a scorer that supports torch.distributed (every scorer but vae, maf, pixelcnn and "
-            "conformal_fusion)"
+            "use a scorer that supports torch.distributed (every scorer but vae, maf and pixelcnn)"
         )
 
 

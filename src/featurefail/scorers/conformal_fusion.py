@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..distributed import all_gather_rows, row_offset, total_rows
 from ..features import Features
 from .base import Scorer, build_scorer, check_features, register_scorer
 from .gmm import GMMScorer
@@ -168,9 +169,13 @@ class ConformalFusion(Scorer):
         components_: component names, in p-value column order. module_: the fitted
         :class:`ConformalFusionModule` (what :meth:`score` and :meth:`as_module` run). calibrated_on_:
         ``"train-split"`` or ``"validation"``. n_calibration_: calibration scores per component.
+
+    Under ``torch.distributed`` the held-out split is drawn over the union of all ranks' rows, the components
+    are fitted on all ranks' kept rows and the calibration scores of every rank are pooled.
     """
 
     requires_logits = True
+    supports_distributed = True  # split over the union, components reduce over ranks, calibration scores gathered
 
     def __init__(
         self,
@@ -218,12 +223,18 @@ class ConformalFusion(Scorer):
 
     # ---- fitting ----------------------------------------------------------------------------------------------
 
-    def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's kept and held-out rows (sorted), the held-out ones drawn over the union of all ranks."""
+        n = total_rows(n_local)
         n_cal = max(1, round(self.calibration_fraction * n))
         if n - n_cal < 2:
             raise ValueError(f"conformal_fusion needs at least {n_cal + 2} training rows, got {n}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.random_state or 0))
-        return order[n_cal:], order[:n_cal]
+        held_out = torch.zeros(n, dtype=torch.bool)
+        held_out[order[:n_cal]] = True
+        offset = row_offset(n_local)
+        mine = held_out[offset : offset + n_local]
+        return torch.nonzero(~mine).flatten(), torch.nonzero(mine).flatten()
 
     def _logit_module(self) -> nn.Module:
         return MaxSoftmaxModule() if self.logit_score == "max_softmax" else EnergyModule()
@@ -249,16 +260,17 @@ class ConformalFusion(Scorer):
         self.density_, self.blocks_ = density, tuple(features.blocks or (features.feats.shape[1],))
         self.module_ = ConformalFusionModule(components, calibration, self.combine)
         self.components_, self.calibrated_on_ = self.component_names(), "train-split"
-        self.n_calibration_ = len(held_out)
+        self.n_calibration_ = len(calibration[0])
         return self
 
     @staticmethod
     def _calibration(module: ConformalFusionModule, features: Features) -> list[torch.Tensor]:
         finite = torch.isfinite(features.feats).all(1) & torch.isfinite(features.logits).all(1)
-        if not finite.any():
+        if not total_rows(int(finite.sum())):
             raise ValueError("conformal_fusion: no calibration row has finite features and logits")
         with torch.no_grad():
             scores = module.component_scores(features.feats[finite], features.logits[finite])
+        scores = all_gather_rows(scores)  # under torch.distributed: every rank's calibration scores
         return [scores[:, k].sort().values for k in range(scores.shape[1])]
 
     def fit_validation(self, features: Features) -> ConformalFusion:

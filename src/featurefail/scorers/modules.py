@@ -134,13 +134,14 @@ class StackedGMMScoreModule(nn.Module):
         n, d, k = x.shape[0], x.shape[1], self.n_components
         xc = x - self.center
         lp = torch.addmm(self.bias, torch.cat([xc, xc * xc], dim=1), self.weight)
-        index = lp.detach().view(n, -1, k).topk(self.top, dim=2).indices
-        index = (index if len(self.widths) == 1 else index + self.offsets).view(n, -1)
+        blocks = len(self.widths)  # explicit: a batch of zero rows has no -1 to infer
+        index = lp.detach().view(n, blocks, k).topk(self.top, dim=2).indices
+        index = (index if blocks == 1 else index + self.offsets).view(n, blocks * self.top)
         rows = self.table[index]  # (n, L·top, 2D + 1) float64
         diff = (x.double() - self.center64)[:, None, :] - rows[..., :d]
         exact = rows[..., 2 * d] - 0.5 * (diff * diff * rows[..., d : 2 * d]).sum(-1)
         lp = lp.scatter(1, index, exact.float())
-        per_block = torch.logsumexp(lp.view(n, -1, k), dim=2)
+        per_block = torch.logsumexp(lp.view(n, blocks, k), dim=2)
         if self.bpd:
             per_block = per_block * self.scales
         score = per_block[:, 0] if len(self.widths) == 1 else per_block.sum(1)
