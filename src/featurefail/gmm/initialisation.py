@@ -100,6 +100,14 @@ def kmeans_plusplus(
     return centers[0] if runs == 1 else centers
 
 
+def _nearest_per_run(piece: torch.Tensor, flat: torch.Tensor, runs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows ``piece (n, D)`` and ``runs`` stacked centre sets ``flat (runs·K, D)``: the squared distance to
+    each run's nearest centre minus ``‖x‖²`` ``(n, runs)`` and that centre's row in ``flat`` ``(n, runs)``."""
+    k = flat.shape[0] // runs
+    partial, labels = torch.addmm((flat * flat).sum(1), piece, flat.T, alpha=-2.0).view(-1, runs, k).min(2)
+    return partial, labels + torch.arange(runs, device=piece.device)[None, :] * k
+
+
 def kmeans(
     x: torch.Tensor, centers: torch.Tensor, chunk: int, max_iter: int = KMEANS_MAX_ITER, tol: float = KMEANS_TOL
 ) -> tuple[torch.Tensor, int, float]:
@@ -132,14 +140,11 @@ def kmeans_runs(
         current = final[active]  # (r, K, D)
         r = len(active)
         flat = current.reshape(r * k, d)
-        c_sq = (flat * flat).sum(1)
         sums = torch.zeros_like(flat)
         counts = torch.zeros(r * k, dtype=torch.int64, device=x.device)
-        offset = torch.arange(r, device=x.device)[None, :] * k
         dist = []
         for piece in torch.split(x, chunk):
-            d2, labels = torch.addmm(c_sq, piece, flat.T, alpha=-2.0).view(-1, r, k).min(2)  # (n, r)
-            labels = labels + offset
+            d2, labels = _nearest_per_run(piece, flat, r)
             if x.device.type == "cpu":  # deterministic on the CPU; elsewhere it adds with atomics
                 for j in range(r):
                     sums.index_add_(0, labels[:, j], piece)
@@ -185,12 +190,10 @@ def hard_log_likelihood(
     """
     runs, k, d = centers.shape
     flat = centers.reshape(runs * k, d)
-    c_sq = (flat * flat).sum(1)
-    offset = torch.arange(runs, device=x.device)[None, :] * k
     counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
     sums = torch.zeros(runs * k, 2 * d, dtype=torch.float64, device=x.device)
     for piece in torch.split(x, chunk):
-        labels = torch.addmm(c_sq, piece, flat.T, alpha=-2.0).view(-1, runs, k).argmin(2) + offset
+        _, labels = _nearest_per_run(piece, flat, runs)
         p64 = piece.double()
         both = torch.cat([p64, p64 * p64], 1)
         for j in range(runs):
