@@ -54,11 +54,11 @@ def centres(x: torch.Tensor, variant: str, generator: torch.Generator) -> torch.
     runs, trials, rule, seed_rows = VARIANTS[variant]
     rows = x if seed_rows is None else x[torch.randperm(len(x), generator=generator)[:seed_rows]]
     seeds = kmeans_plusplus(rows, K, generator, n_local_trials=trials, n_runs=runs).view(runs, K, -1)
-    final, _, inertias = kmeans_runs(x, seeds, CHUNK)
+    final, _, inertias, labels = kmeans_runs(x, seeds, CHUNK)
     if rule == "inertia":
         return final[int(np.argmin(inertias))]
     variance = x.double().var(0, unbiased=False)
-    scores = hard_log_likelihood(x, final, 1e-6 * variance, variance, CHUNK)
+    scores = hard_log_likelihood(x, labels, K, 1e-6 * variance, variance, CHUNK)
     return final[int(np.argmax(scores))]
 
 

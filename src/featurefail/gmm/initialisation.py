@@ -5,10 +5,13 @@ when there are more (at most 256 MiB of them), measured in the data's units (cen
 When ``rows · K · D <= 2²⁸`` three runs are made together, each seeded by greedy k-means++ (as
 scikit-learn's ``KMeans``: ``2 + ⌊ln K⌋`` candidates per centre, the one lowering the inertia most is kept;
 one pass over the rows per centre serves all three seedings) on those rows and run to convergence (centre
-shift below ``1e-4`` of the mean variance, at most 100 iterations), and the run whose partition has the highest
-diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: ranking the same runs by it
-ended higher after EM than ranking them by inertia, ``benchmarks/gmm_init_ablation.py``); otherwise once,
-seeded by plain k-means++ on ``16 K`` rows, for at most 10 iterations (each costs about one EM iteration).
+shift below ``1e-4`` of the mean variance, at most 100 iterations), and the run whose last partition has the
+highest diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: ranking the same
+runs by it ended higher after EM than ranking them by inertia, ``benchmarks/gmm_init_ablation.py``); otherwise
+once, seeded by plain k-means++ on ``16 K`` rows, for at most 10 iterations (each costs about one EM iteration).
+On a CPU with native bfloat16 (:func:`bfloat16_products_are_fast`) the seeding's distance products of float32
+data run in bfloat16 (the draws only need approximate distances); Lloyd's iterations and all that follows stay
+in the data's dtype.
 Empty clusters are re-seeded at the rows farthest from their centres. See ``benchmarks/gmm_init_bench.py`` and
 ``benchmarks/README.md`` for the comparison with scikit-learn.
 
@@ -29,6 +32,7 @@ from .distributed import all_reduce_, broadcast_
 
 __all__ = [
     "INITS",
+    "bfloat16_products_are_fast",
     "hard_log_likelihood",
     "initial_parameters",
     "kmeans",
@@ -62,8 +66,25 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def bfloat16_products_are_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products beat float32 ones on ``device``: a CPU with native bfloat16 arithmetic
+    (AVX-512 BF16 or AMX; the seeding's ``(18, 128) @ (128, 20000)`` product ran 3-4x faster in bfloat16 on an
+    AMD EPYC with AVX-512 BF16). False on other CPUs (bfloat16 is emulated there) and on GPUs (kept in float32)."""
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # torch's own (private) probes; without them, assume no native bfloat16
+        return False
+
+
 def kmeans_plusplus(
-    x: torch.Tensor, k: int, generator: torch.Generator, n_local_trials: int = 1, n_runs: int = 1
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    n_local_trials: int = 1,
+    n_runs: int = 1,
+    product_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``x (m, D)`` -> ``k`` centres ``(k, D)``.
 
@@ -73,16 +94,19 @@ def kmeans_plusplus(
     and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
     independent seedings are drawn together (one product over ``x`` per centre serves all of them: a wider
     product than each run's thin one, which the CPU computes well below its GEMM speed) and ``(n_runs, k, D)``
-    is returned.
+    is returned. ``product_dtype`` (default: ``x``'s) is the dtype of the candidate-by-row products: with
+    ``torch.bfloat16`` the squared distances that weigh the draws and rank the candidates carry a rounding error
+    of about ``2⁻⁸ ‖x‖ ‖c‖``; the centres are still rows of ``x``.
     """
     m, d = x.shape
     runs, trials = n_runs, n_local_trials
-    rows_last = x.T.contiguous()  # (D, m): the products below are (candidates, D) @ (D, m), the faster layout
+    product_dtype = product_dtype or x.dtype
+    rows_last = x.T.contiguous().to(product_dtype)  # (D, m): (candidates, D) @ (D, m) is the faster layout
     x_sq = (x * x).sum(1)
     centers = torch.empty(runs, k, d, dtype=x.dtype, device=x.device)
     first = torch.randint(m, (runs,), generator=generator).to(x.device)
     centers[:, 0] = x[first]
-    d2 = torch.addmm(x_sq[first][:, None], centers[:, 0], rows_last, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+    d2 = torch.addmm(x_sq[first][:, None], centers[:, 0], x.T, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
     uniforms = torch.rand(k, runs, trials, generator=generator, dtype=torch.float64).to(x.device)
     run_index = torch.arange(runs, device=x.device)
     for i in range(1, k):
@@ -92,7 +116,8 @@ def kmeans_plusplus(
         degenerate = ~(total > 0.0) | ~torch.isfinite(total)
         idx = torch.where(degenerate, (uniforms[i] * m).long().clamp_max(m - 1), drawn).flatten()
         cand = x[idx]  # (runs * trials, D)
-        cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+        products = torch.mm(cand.to(product_dtype), rows_last).to(x.dtype)  # (runs * trials, m)
+        cand_d2 = products.mul_(-2.0).add_(x_sq[idx][:, None]).add_(x_sq).clamp_min_(0.0)
         new_d2 = torch.minimum(d2[:, None, :], cand_d2.view(runs, trials, m))  # (runs, trials, m)
         best = new_d2.sum(2, dtype=torch.float64).argmin(1)  # (runs,)
         centers[:, i] = cand.view(runs, trials, d)[run_index, best]
@@ -119,14 +144,16 @@ def kmeans(
     atomics: deterministic); the inertia (sum of squared distances to the nearest centre) is that of the last
     assignment.
     """
-    final, n_iter, inertia = kmeans_runs(x, centers[None], chunk, max_iter, tol)
+    final, n_iter, inertia, _ = kmeans_runs(x, centers[None], chunk, max_iter, tol)
     return final[0], int(n_iter[0]), float(inertia[0])
 
 
 def kmeans_runs(
     x: torch.Tensor, centers: torch.Tensor, chunk: int, max_iter: int = KMEANS_MAX_ITER, tol: float = KMEANS_TOL
-) -> tuple[torch.Tensor, list[int], list[float]]:
-    """:func:`kmeans` from ``R`` starts ``centers (R, K, D)`` at once: centres ``(R, K, D)``, iterations, inertias.
+) -> tuple[torch.Tensor, list[int], list[float], torch.Tensor]:
+    """:func:`kmeans` from ``R`` starts ``centers (R, K, D)`` at once: centres ``(R, K, D)``, iterations, inertias
+    and the last assignment of every row in each run ``(m, R)`` (indices in ``[0, K)``; the centres are the means
+    of these partitions, except clusters left empty, which moved to a row).
 
     Each run follows exactly the steps it would alone (a run stops when it converges); the runs still going
     share one distance product per chunk.
@@ -134,6 +161,7 @@ def kmeans_runs(
     runs, k, d = centers.shape
     threshold = tol * float(x.var(0, unbiased=False).double().mean().item())
     final = centers.clone()
+    last = torch.full((x.shape[0], runs), -1, dtype=torch.int64, device=x.device)
     n_iter, inertia = [0] * runs, [math.inf] * runs
     active = list(range(runs)) if max_iter > 0 else []
     while active:
@@ -142,7 +170,7 @@ def kmeans_runs(
         flat = current.reshape(r * k, d)
         sums = torch.zeros_like(flat)
         counts = torch.zeros(r * k, dtype=torch.int64, device=x.device)
-        dist = []
+        dist, assigned = [], []
         for piece in torch.split(x, chunk):
             d2, labels = _nearest_per_run(piece, flat, r)
             if x.device.type == "cpu":  # deterministic on the CPU; elsewhere it adds with atomics
@@ -154,7 +182,9 @@ def kmeans_runs(
                 sums.addmm_(onehot.T, piece)
             counts += torch.bincount(labels.flatten(), minlength=r * k)
             dist.append((d2 + (piece * piece).sum(1)[:, None]).clamp_min(0.0))
+            assigned.append(labels)
         d2_all = torch.cat(dist)  # (m, r)
+        last[:, active] = torch.cat(assigned) - torch.arange(r, device=x.device)[None, :] * k
         new = (sums / counts.clamp_min(1)[:, None].to(x.dtype)).view(r, k, d)
         counts = counts.view(r, k)
         still = []
@@ -171,15 +201,16 @@ def kmeans_runs(
             if not (shift <= threshold and not empty.numel()) and n_iter[run] < max_iter:
                 still.append(run)
         active = still
-    return final, n_iter, inertia
+    return final, n_iter, inertia, last
 
 
 def hard_log_likelihood(
-    x: torch.Tensor, centers: torch.Tensor, floor: torch.Tensor, fallback: torch.Tensor, chunk: int
+    x: torch.Tensor, labels: torch.Tensor, k: int, floor: torch.Tensor, fallback: torch.Tensor, chunk: int
 ) -> list[float]:
-    """Classification log-likelihood of each run's partition: ``x (m, D)``, ``centers (R, K, D)`` -> ``R`` floats.
+    """Classification log-likelihood of ``R`` partitions of ``x (m, D)`` into ``k`` clusters, ``labels (m, R)``
+    (e.g. the last assignments of :func:`kmeans_runs`) -> ``R`` floats.
 
-    Rows go to their nearest centre; each cluster ``k`` (``n_k`` rows, spread ``s²_kd`` about their mean ``μ_k``)
+    Each cluster ``k`` (``n_k`` rows, spread ``s²_kd`` about their mean ``μ_k``)
     gets weight ``n_k / m``, mean ``μ_k`` and the diagonal variance EM would start from (as
     :func:`initial_parameters`): ``σ²_kd = max(s²_kd, floor_d)``, or ``fallback_d`` (the data's variance) when
     ``n_k < 2``. The value is ``Σ_k [n_k log(n_k / m) − ½ Σ_d (n_k log 2πσ²_kd + n_k s²_kd / σ²_kd)]``, the
@@ -188,17 +219,16 @@ def hard_log_likelihood(
     Sums run in float64 (by index-add: on a GPU their order, hence the last bits, may vary between calls; under
     ``torch.distributed`` rank 0's choice is broadcast).
     """
-    runs, k, d = centers.shape
-    flat = centers.reshape(runs * k, d)
+    runs, d = labels.shape[1], x.shape[1]
     counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
     sums = torch.zeros(runs * k, 2 * d, dtype=torch.float64, device=x.device)
-    for piece in torch.split(x, chunk):
-        _, labels = _nearest_per_run(piece, flat, runs)
+    offsets = torch.arange(runs, device=x.device)[None, :] * k
+    for piece, piece_labels in zip(torch.split(x, chunk), torch.split(labels + offsets, chunk), strict=True):
         p64 = piece.double()
         both = torch.cat([p64, p64 * p64], 1)
         for j in range(runs):
-            counts += torch.bincount(labels[:, j], minlength=runs * k)
-            sums.index_add_(0, labels[:, j], both)
+            counts += torch.bincount(piece_labels[:, j], minlength=runs * k)
+            sums.index_add_(0, piece_labels[:, j], both)
     safe = counts.clamp_min(1.0)[:, None]
     mean = sums[:, :d] / safe
     spread = (sums[:, d:] / safe - mean * mean).clamp_min(0.0)
@@ -277,14 +307,17 @@ def initial_parameters(
             if not cheap and sample.shape[0] > m_seed:
                 seed_rows = sample[torch.randperm(sample.shape[0], generator=generator)[:m_seed].to(dev)]
             trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
+            product_dtype = torch.bfloat16 if bfloat16_products_are_fast(dev) else None
             with _one_cpu_thread(dev, seed_rows.shape[0] * d * restarts * trials):
-                seeds = kmeans_plusplus(seed_rows, k, generator, n_local_trials=trials, n_runs=restarts)
+                seeds = kmeans_plusplus(
+                    seed_rows, k, generator, n_local_trials=trials, n_runs=restarts, product_dtype=product_dtype
+                )
             chunk = max(1, data.chunk_size // restarts)  # the work arrays hold every run's K columns
-            runs, _, _ = kmeans_runs(sample, seeds.view(restarts, k, d), chunk, max_iter=max_iter)
+            runs, _, _, labels = kmeans_runs(sample, seeds.view(restarts, k, d), chunk, max_iter=max_iter)
             if restarts > 1:
                 in_sample_units = metric.double() ** 2  # the sample is in EM's coordinates times ``metric``
                 scores = hard_log_likelihood(
-                    sample, runs, floor * in_sample_units, data.variance * in_sample_units, data.chunk_size
+                    sample, labels, k, floor * in_sample_units, data.variance * in_sample_units, data.chunk_size
                 )
                 best = max(range(restarts), key=scores.__getitem__)
             else:
