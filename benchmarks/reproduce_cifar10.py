@@ -113,6 +113,27 @@ def _clean_cache(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
     return _cache(args, name, f"clean-train{args.train_rows}"), False
 
 
+CACHE_PARTS = ("clean", "attacks", "corruptions")
+
+
+def _timing_path(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out) / "cache" / f"{name}-build-seconds.json"
+
+
+def record_build(args: argparse.Namespace, name: str, part: str, seconds: float) -> None:
+    """Keep how long building one cache part took, next to the cache (read back by :func:`cache_build_seconds`)."""
+    path = _timing_path(args, name)
+    times = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**times, part: seconds}, indent=2))
+
+
+def cache_build_seconds(args: argparse.Namespace, name: str) -> float | None:
+    """Seconds it took to build this model's whole cache, or None if a part was built without a record."""
+    path = _timing_path(args, name)
+    times = json.loads(path.read_text()) if path.exists() else {}
+    return sum(times[p] for p in CACHE_PARTS) if all(p in times for p in CACHE_PARTS) else None
+
+
 def collect_cached(model: torch.nn.Module, name: str, args: argparse.Namespace, splits, ood, say) -> EvalData:
     """Clean splits, test mistakes and OOD sets (``layer="auto"``), then the attacks on the first
     ``--attack-subset`` images of :func:`shift_subset`; each stage cached on its own."""
@@ -125,10 +146,12 @@ def collect_cached(model: torch.nn.Module, name: str, args: argparse.Namespace, 
         if full:
             data.train = data.train.subset(rows)
     else:
+        t0 = time.perf_counter()
         train = (x_tr, y_tr) if full else (x_tr[rows], y_tr[rows])
         data = collect(model, train, val, (x_te, y_te), ood=ood, layer="auto", progress=say)
         clean_path.parent.mkdir(parents=True, exist_ok=True)
         data.save(clean_path)
+        record_build(args, name, "clean", time.perf_counter() - t0)
         if full:
             data.train = data.train.subset(rows)
     attack_path = _cache(args, name, f"attacks{args.attack_subset}")
@@ -136,6 +159,7 @@ def collect_cached(model: torch.nn.Module, name: str, args: argparse.Namespace, 
         say(f"reusing cached attacks {attack_path}")
         adv = EvalData.load(attack_path)
     else:
+        t0 = time.perf_counter()
         subset = shift_subset(len(y_te), args.attack_subset)
         tiny = (x_tr[:10], y_tr[:10]), (val[0][:10], val[1][:10])
         adv = collect(model, *tiny, (x_te[subset], y_te[subset]), attacks=ATTACKS, layer="auto", progress=say)
@@ -145,6 +169,7 @@ def collect_cached(model: torch.nn.Module, name: str, args: argparse.Namespace, 
             mask[subset[src.normal_mask]] = True
             src.normal_mask = mask
         adv.save(attack_path)
+        record_build(args, name, "attacks", time.perf_counter() - t0)
     data.sources += adv.sources
     data.auto = True
     return data
@@ -162,6 +187,7 @@ def corruptions_cached(
     if cache.exists() and not args.refresh:
         say(f"reusing cached corruptions {cache}")
         return load_file(str(cache))
+    t0 = time.perf_counter()
     (x_tr, y_tr), val, (x_te, y_te) = splits
     subset = shift_subset(len(y_te), args.corruption_subset)
     tiny = (x_tr[:10], y_tr[:10]), (val[0][:10], val[1][:10])
@@ -179,6 +205,7 @@ def corruptions_cached(
             out[f"{corruption}.{severity}.labels"] = f.labels.contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(cache))
+    record_build(args, name, "corruptions", time.perf_counter() - t0)
     return out
 
 
@@ -315,6 +342,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
         "layers": data.layers,
         "seconds": time.perf_counter() - t0,
         "collect_seconds": t_collect,
+        "cache_build_seconds": cache_build_seconds(args, name),
         "seeds": args.seeds,
         "train_rows": len(data.train),
         "stream_sizes": result.stream_sizes,
@@ -429,6 +457,25 @@ def verdict(run: dict) -> dict:
     }
 
 
+def regeneration_time(runs: list[dict]) -> str:
+    """The header's sentence on a full regeneration: building the cache (timed when each part was built, in
+    ``OUT/cache/<model>-build-seconds.json``) plus the scoring of every model."""
+    scoring = sum(run["seconds"] - run["collect_seconds"] for run in runs)
+    built = [run.get("cache_build_seconds") for run in runs]
+    if any(b is None for b in built):
+        missing = ", ".join(run["name"] for run, b in zip(runs, built, strict=True) if b is None)
+        return (
+            f"Scoring took {scoring / 60:.1f} min; the time to build the cache was not recorded for {missing} "
+            "(cache built before build times were kept), so a full regeneration's wall time is not stated."
+        )
+    cache = sum(built)
+    return (
+        f"**A full regeneration from an empty cache takes {(cache + scoring) / 60:.1f} min** on this machine: "
+        f"{cache / 60:.1f} min to build the cache (features of all splits, attacks, corruptions; timed when each "
+        f"part was built) and {scoring / 60:.1f} min of scoring."
+    )
+
+
 def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, total: float) -> None:
     seeds = sorted({run["seeds"] for run in runs})
     lines = [
@@ -441,8 +488,7 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads (shared with other jobs), torch "
         f"{torch.__version__}. Wall time per model below (feature extraction, attacks and corruptions, then "
         f"scoring); the model runs behind this page took {sum(run['seconds'] for run in runs) / 60:.1f} min in "
-        f"all (this invocation: {total / 60:.1f} min). Building the cache with `--collect-only` (features of all "
-        "splits, attacks, corruptions) is timed in the log of that invocation, not here.",
+        f"all (this invocation: {total / 60:.1f} min). {regeneration_time(runs)}",
         "",
         *(
             [
