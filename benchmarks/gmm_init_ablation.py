@@ -5,7 +5,7 @@ Every variant builds k-means centres from the library's own pieces (:func:`kmean
 benchmark's settings (``max_iter=30``, default ``tol``); the final mean log-likelihood is judged by scikit-learn's
 float64 ``score`` and compared with scikit-learn's own whole fit (``GaussianMixture(covariance_type="diag")``,
 ``random_state`` = the seed). Times are of the centres only (the EM that follows costs the same for all). The
-seedings' products run in bfloat16 where the library's do (:func:`bfloat16_products_are_fast`), or in float32
+seedings' products run in bfloat16 where the library's do (:func:`bfloat16_seeding`), or in float32
 for all variants with ``--float32-seeding``.
 
 Variants (``R`` runs, ``t`` candidates per centre; ``t = 2 + ⌊ln K⌋ = 6`` is scikit-learn's greedy rule):
@@ -37,7 +37,7 @@ from sklearn.mixture import GaussianMixture
 
 from featurefail import DiagonalGMM
 from featurefail.gmm.initialisation import (
-    bfloat16_products_are_fast,
+    bfloat16_seeding,
     hard_log_likelihood,
     kmeans_plusplus,
     kmeans_runs,
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--float32-seeding", action="store_true", help="seed in float32 even where bfloat16 is fast")
     args = parser.parse_args()
-    fast = bfloat16_products_are_fast(torch.device("cpu")) and not args.float32_seeding
+    fast = bfloat16_seeding(torch.device("cpu"), torch.float32) and not args.float32_seeding
     product_dtype = torch.bfloat16 if fast else None
     warnings.simplefilter("ignore", ConvergenceWarning)
     gains: dict[str, list[float]] = {v: [] for v in VARIANTS}

@@ -438,12 +438,17 @@ def holistic_table(result: EvalResult) -> list[str]:
     return [*lines, ""]
 
 
+def held_out_aurc(result: EvalResult) -> dict[str, float]:
+    """Every row's AURC on the held-out stream."""
+    return {r.scorer: r.aurc for r in result.holistic if r.stream == "held-out"}
+
+
 def verdict(run: dict) -> dict:
     """The fusion against every other method (its other combination rules excluded) on the held-out group."""
     result = run["result"]
     facts = group_facts(result, "held-out")
     others = [n for n in facts if not n.startswith(FUSION)]
-    aurc = {r.scorer: r.aurc for r in result.holistic if r.stream == "held-out"}
+    aurc = held_out_aurc(result)
     best_mean = max(others, key=lambda n: facts[n]["mean"])
     best_aurc = min(others, key=aurc.get)
     return {
@@ -709,7 +714,7 @@ def support_table(runs: list[dict]) -> list[str]:
     """What the held-out data support, row by row: held-out mean AUROC and AURC averaged over the models, and on
     how many models the row beats ``default`` on each (the fusion's other combination rules left out)."""
     facts = {run["name"]: group_facts(run["result"], "held-out") for run in runs}
-    aurc = {run["name"]: {r.scorer: r.aurc for r in run["result"].holistic if r.stream == "held-out"} for run in runs}
+    aurc = {run["name"]: held_out_aurc(run["result"]) for run in runs}
     rows = [n for n in _rows(runs[0]["result"]) if n not in RULE_ROWS and all(n in facts[m] for m in facts)]
     n_models = len(runs)
     table = []

@@ -9,9 +9,10 @@ shift below ``1e-4`` of the mean variance, at most 100 iterations), and the run 
 highest diagonal-Gaussian classification log-likelihood is kept (:func:`hard_log_likelihood`: ranking the same
 runs by it ended higher after EM than ranking them by inertia, ``benchmarks/gmm_init_ablation.py``); otherwise
 once, seeded by plain k-means++ on ``16 K`` rows, for at most 10 iterations (each costs about one EM iteration).
-On a CPU with native bfloat16 (:func:`bfloat16_products_are_fast`) the seeding's distance products of float32
-data run in bfloat16 (the draws only need approximate distances); Lloyd's iterations and all that follows stay
-in the data's dtype.
+On a CPU with native bfloat16 (:func:`bfloat16_seeding`) the seeding's distance products of float32 data run
+in bfloat16 (the draws only need approximate distances), so the same ``random_state`` may give other centres on
+a CPU without it; ``dtype=torch.float64`` seeds in float64. Lloyd's iterations and all that follows stay in the
+data's dtype.
 Empty clusters are re-seeded at the rows farthest from their centres. See ``benchmarks/gmm_init_bench.py`` and
 ``benchmarks/README.md`` for the comparison with scikit-learn.
 
@@ -32,7 +33,7 @@ from .distributed import all_reduce_, broadcast_
 
 __all__ = [
     "INITS",
-    "bfloat16_products_are_fast",
+    "bfloat16_seeding",
     "hard_log_likelihood",
     "initial_parameters",
     "kmeans",
@@ -66,15 +67,16 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def bfloat16_products_are_fast(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products beat float32 ones on ``device``: a CPU with native bfloat16 arithmetic
-    (AVX-512 BF16 or AMX; the seeding's ``(18, 128) @ (128, 20000)`` product ran 3-4x faster in bfloat16 on an
-    AMD EPYC with AVX-512 BF16). False on other CPUs (bfloat16 is emulated there) and on GPUs (kept in float32)."""
-    if device.type != "cpu":
+def bfloat16_seeding(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether k-means++ seeding of ``dtype`` rows on ``device`` computes its products in bfloat16: float32 rows on
+    a CPU with native bfloat16 arithmetic (AVX-512 BF16, which every AMX CPU also has) through oneDNN, where the
+    seeding's ``(18, 128) @ (128, 20000)`` product ran 3-4x faster than in float32 (an AMD EPYC with AVX-512
+    BF16). Not on other CPUs (bfloat16 is emulated there), not for float64 rows, not on GPUs (not measured)."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # torch's own (private) probes; without them, assume no native bfloat16
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # torch's own (private) probe; without it, assume no native bfloat16
         return False
 
 
@@ -89,19 +91,21 @@ def kmeans_plusplus(
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``x (m, D)`` -> ``k`` centres ``(k, D)``.
 
     Each new centre is drawn with probability proportional to the squared distance to the nearest centre
-    chosen so far; when every remaining distance is zero (duplicate rows) the draw is uniform. With
+    chosen so far; when every remaining distance is zero (duplicate rows; products in ``x``'s dtype) the draw is
+    uniform. With
     ``n_local_trials > 1`` (greedy k-means++, as scikit-learn's ``KMeans``) that many candidates are drawn
     and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
     independent seedings are drawn together (one product over ``x`` per centre serves all of them: a wider
     product than each run's thin one, which the CPU computes well below its GEMM speed) and ``(n_runs, k, D)``
     is returned. ``product_dtype`` (default: ``x``'s) is the dtype of the candidate-by-row products: with
     ``torch.bfloat16`` the squared distances that weigh the draws and rank the candidates carry a rounding error
-    of about ``2⁻⁸ ‖x‖ ‖c‖``; the centres are still rows of ``x``.
+    of about ``2⁻⁸ ‖x‖ ‖c‖`` (a chosen row's own distance is still set to zero); the centres are still rows of
+    ``x``.
     """
     m, d = x.shape
     runs, trials = n_runs, n_local_trials
-    product_dtype = product_dtype or x.dtype
-    rows_last = x.T.contiguous().to(product_dtype)  # (D, m): (candidates, D) @ (D, m) is the faster layout
+    product_dtype = x.dtype if product_dtype is None else product_dtype
+    rows_last = x.to(product_dtype).T.contiguous()  # (D, m): (candidates, D) @ (D, m) is the faster layout
     x_sq = (x * x).sum(1)
     centers = torch.empty(runs, k, d, dtype=x.dtype, device=x.device)
     first = torch.randint(m, (runs,), generator=generator).to(x.device)
@@ -116,12 +120,16 @@ def kmeans_plusplus(
         degenerate = ~(total > 0.0) | ~torch.isfinite(total)
         idx = torch.where(degenerate, (uniforms[i] * m).long().clamp_max(m - 1), drawn).flatten()
         cand = x[idx]  # (runs * trials, D)
-        products = torch.mm(cand.to(product_dtype), rows_last).to(x.dtype)  # (runs * trials, m)
-        cand_d2 = products.mul_(-2.0).add_(x_sq[idx][:, None]).add_(x_sq).clamp_min_(0.0)
+        if product_dtype == x.dtype:
+            cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0)
+        else:
+            cand_d2 = torch.mm(cand.to(product_dtype), rows_last).to(x.dtype).mul_(-2.0).add_(x_sq[idx][:, None])
+        cand_d2 = cand_d2.add_(x_sq).clamp_min_(0.0)  # (runs * trials, m)
         new_d2 = torch.minimum(d2[:, None, :], cand_d2.view(runs, trials, m))  # (runs, trials, m)
         best = new_d2.sum(2, dtype=torch.float64).argmin(1)  # (runs,)
         centers[:, i] = cand.view(runs, trials, d)[run_index, best]
         d2 = new_d2[run_index, best]
+        d2[run_index, idx.view(runs, trials)[run_index, best]] = 0.0  # exact despite rounded products
     return centers[0] if runs == 1 else centers
 
 
@@ -153,7 +161,7 @@ def kmeans_runs(
 ) -> tuple[torch.Tensor, list[int], list[float], torch.Tensor]:
     """:func:`kmeans` from ``R`` starts ``centers (R, K, D)`` at once: centres ``(R, K, D)``, iterations, inertias
     and the last assignment of every row in each run ``(m, R)`` (indices in ``[0, K)``; the centres are the means
-    of these partitions, except clusters left empty, which moved to a row).
+    of these partitions, except clusters left empty, which moved to a row; ``-1`` when ``max_iter=0``).
 
     Each run follows exactly the steps it would alone (a run stops when it converges); the runs still going
     share one distance product per chunk.
@@ -210,15 +218,17 @@ def hard_log_likelihood(
     """Classification log-likelihood of ``R`` partitions of ``x (m, D)`` into ``k`` clusters, ``labels (m, R)``
     (e.g. the last assignments of :func:`kmeans_runs`) -> ``R`` floats.
 
-    Each cluster ``k`` (``n_k`` rows, spread ``s²_kd`` about their mean ``μ_k``)
-    gets weight ``n_k / m``, mean ``μ_k`` and the diagonal variance EM would start from (as
-    :func:`initial_parameters`): ``σ²_kd = max(s²_kd, floor_d)``, or ``fallback_d`` (the data's variance) when
-    ``n_k < 2``. The value is ``Σ_k [n_k log(n_k / m) − ½ Σ_d (n_k log 2πσ²_kd + n_k s²_kd / σ²_kd)]``, the
+    Each cluster ``c`` (``n_c`` rows, spread ``s²_cd`` about their mean ``μ_c``)
+    gets weight ``n_c / m``, mean ``μ_c`` and the diagonal variance EM would start from (as
+    :func:`initial_parameters`): ``σ²_cd = max(s²_cd, floor_d)``, or ``fallback_d`` (the data's variance) when
+    ``n_c < 2``. The value is ``Σ_c [n_c log(n_c / m) − ½ Σ_d (n_c log 2πσ²_cd + n_c s²_cd / σ²_cd)]``, the
     diagonal mixture's log-likelihood of the rows with those labels and parameters. Restarts are ranked by it
     rather than by the inertia: it is the quantity EM goes on to raise, and it weighs each cluster's spread.
     Sums run in float64 (by index-add: on a GPU their order, hence the last bits, may vary between calls; under
     ``torch.distributed`` rank 0's choice is broadcast).
     """
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < k):
+        raise ValueError(f"labels must lie in [0, {k}), got [{int(labels.min())}, {int(labels.max())}]")
     runs, d = labels.shape[1], x.shape[1]
     counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
     sums = torch.zeros(runs * k, 2 * d, dtype=torch.float64, device=x.device)
@@ -307,7 +317,7 @@ def initial_parameters(
             if not cheap and sample.shape[0] > m_seed:
                 seed_rows = sample[torch.randperm(sample.shape[0], generator=generator)[:m_seed].to(dev)]
             trials = 2 + int(math.log(k)) if cheap else 1  # greedy seeding costs trials x plain
-            product_dtype = torch.bfloat16 if bfloat16_products_are_fast(dev) else None
+            product_dtype = torch.bfloat16 if bfloat16_seeding(dev, data.dtype) else None
             with _one_cpu_thread(dev, seed_rows.shape[0] * d * restarts * trials):
                 seeds = kmeans_plusplus(
                     seed_rows, k, generator, n_local_trials=trials, n_runs=restarts, product_dtype=product_dtype
