@@ -92,9 +92,8 @@ def kmeans_plusplus(
 
     Each new centre is drawn with probability proportional to the squared distance to the nearest centre
     chosen so far; when every remaining distance is zero (duplicate rows; products in ``x``'s dtype) the draw is
-    uniform. With
-    ``n_local_trials > 1`` (greedy k-means++, as scikit-learn's ``KMeans``) that many candidates are drawn
-    and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
+    uniform. With ``n_local_trials > 1`` (greedy k-means++, as scikit-learn's ``KMeans``) that many candidates
+    are drawn and the one that lowers the total squared distance most is kept. With ``n_runs > 1``, that many
     independent seedings are drawn together (one product over ``x`` per centre serves all of them: a wider
     product than each run's thin one, which the CPU computes well below its GEMM speed) and ``(n_runs, k, D)``
     is returned. ``product_dtype`` (default: ``x``'s) is the dtype of the candidate-by-row products: with
