@@ -67,7 +67,7 @@ def centres(
     if rule == "inertia":
         return final[int(np.argmin(inertias))]
     variance = x.double().var(0, unbiased=False)
-    scores = hard_log_likelihood(x, labels, K, 1e-6 * variance, variance, CHUNK)
+    scores = hard_log_likelihood(x, labels, final, 1e-6 * variance, variance, CHUNK)
     return final[int(np.argmax(scores))]
 
 

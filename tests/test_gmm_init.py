@@ -159,25 +159,33 @@ def test_hard_log_likelihood_matches_a_brute_force_computation():
     centers = np.stack([np.vstack([x[rng.choice(400, 7, replace=False)], far, -far]) for _ in range(2)])
     floor, fallback = np.full(5, 1e-3), x.var(0)
     partitions = np.stack([((x[:, None, :] - run[None]) ** 2).sum(-1).argmin(1) for run in centers], 1)
-    got = hard_log_likelihood(
-        torch.from_numpy(x), torch.from_numpy(partitions), 9, torch.from_numpy(floor), torch.from_numpy(fallback), 64
+    # run 0 scores its partition about the cluster means (as kmeans_runs hands it over), run 1 about the centres
+    means = np.stack(
+        [x[partitions[:, 0] == c].mean(0) if np.any(partitions[:, 0] == c) else c0 for c, c0 in enumerate(centers[0])]
     )
-    for labels, value in zip(partitions.T, got, strict=True):
+    centers = np.stack([means, centers[1]])
+    got = hard_log_likelihood(
+        torch.from_numpy(x),
+        torch.from_numpy(partitions),
+        torch.from_numpy(centers),
+        torch.from_numpy(floor),
+        torch.from_numpy(fallback),
+        64,
+    )
+    for labels, run, value in zip(partitions.T, centers, got, strict=True):
         expected, sizes = 0.0, []
         for k in np.unique(labels):
             rows = x[labels == k]
             sizes.append(len(rows))
-            var = np.maximum(rows.var(0), floor) if len(rows) >= 2 else fallback
+            var = np.maximum(((rows - run[k]) ** 2).mean(0), floor) if len(rows) >= 2 else fallback
             # each row's log density under its own cluster's diagonal Gaussian, plus its log weight
-            expected += scipy.stats.norm.logpdf(rows, rows.mean(0), np.sqrt(var)).sum() + len(rows) * np.log(
-                len(rows) / m
-            )
+            expected += scipy.stats.norm.logpdf(rows, run[k], np.sqrt(var)).sum() + len(rows) * np.log(len(rows) / m)
         assert {1, 2} <= set(sizes)  # the singleton and the floored pair are exercised
         assert value == pytest.approx(expected, rel=1e-10)
 
 
 def test_hard_log_likelihood_refuses_labels_out_of_range():
     x = torch.randn(50, 3, dtype=torch.float64)
-    _, _, _, labels = kmeans_runs(x, x[:4][None].clone(), chunk=16, max_iter=0)  # no assignment made: -1
+    centers, _, _, labels = kmeans_runs(x, x[:4][None].clone(), chunk=16, max_iter=0)  # no assignment made: -1
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
-        hard_log_likelihood(x, labels, 4, torch.full((3,), 1e-3), x.var(0), 16)
+        hard_log_likelihood(x, labels, centers, torch.full((3,), 1e-3), x.var(0), 16)

@@ -120,10 +120,10 @@ def kmeans_plusplus(
         idx = torch.where(degenerate, (uniforms[i] * m).long().clamp_max(m - 1), drawn).flatten()
         cand = x[idx]  # (runs * trials, D)
         if product_dtype == x.dtype:
-            cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0)
-        else:
-            cand_d2 = torch.mm(cand.to(product_dtype), rows_last).to(x.dtype).mul_(-2.0).add_(x_sq[idx][:, None])
-        cand_d2 = cand_d2.add_(x_sq).clamp_min_(0.0)  # (runs * trials, m)
+            cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0).add_(x_sq)
+        else:  # one mixed-dtype pass: ‖c‖² + ‖x‖² − 2 c·x, the product read in bfloat16
+            cand_d2 = torch.add(x_sq[idx][:, None] + x_sq, torch.mm(cand.to(product_dtype), rows_last), alpha=-2.0)
+        cand_d2.clamp_min_(0.0)  # (runs * trials, m)
         new_d2 = torch.minimum(d2[:, None, :], cand_d2.view(runs, trials, m))  # (runs, trials, m)
         best = new_d2.sum(2, dtype=torch.float64).argmin(1)  # (runs,)
         centers[:, i] = cand.view(runs, trials, d)[run_index, best]
@@ -212,35 +212,41 @@ def kmeans_runs(
 
 
 def hard_log_likelihood(
-    x: torch.Tensor, labels: torch.Tensor, k: int, floor: torch.Tensor, fallback: torch.Tensor, chunk: int
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    floor: torch.Tensor,
+    fallback: torch.Tensor,
+    chunk: int,
 ) -> list[float]:
-    """Classification log-likelihood of ``R`` partitions of ``x (m, D)`` into ``k`` clusters, ``labels (m, R)``
-    (e.g. the last assignments of :func:`kmeans_runs`) -> ``R`` floats.
+    """Classification log-likelihood of ``R`` partitions of ``x (m, D)``: row ``i`` of run ``r`` belongs to the
+    cluster of centre ``centers[r, labels[i, r]]`` (``labels (m, R)``, ``centers (R, K, D)``; e.g. the last
+    assignments and final centres of :func:`kmeans_runs`, where each centre is its cluster's mean) -> ``R``
+    floats.
 
-    Each cluster ``c`` (``n_c`` rows, spread ``s²_cd`` about their mean ``μ_c``)
-    gets weight ``n_c / m``, mean ``μ_c`` and the diagonal variance EM would start from (as
-    :func:`initial_parameters`): ``σ²_cd = max(s²_cd, floor_d)``, or ``fallback_d`` (the data's variance) when
-    ``n_c < 2``. The value is ``Σ_c [n_c log(n_c / m) − ½ Σ_d (n_c log 2πσ²_cd + n_c s²_cd / σ²_cd)]``, the
-    diagonal mixture's log-likelihood of the rows with those labels and parameters. Restarts are ranked by it
-    rather than by the inertia: it is the quantity EM goes on to raise, and it weighs each cluster's spread.
-    Sums run in float64 (by index-add: on a GPU their order, hence the last bits, may vary between calls; under
-    ``torch.distributed`` rank 0's choice is broadcast).
+    Each cluster ``c`` (``n_c`` rows) gets weight ``n_c / m``, mean ``μ_c`` (its centre) and the diagonal variance
+    EM would start from (as :func:`initial_parameters`): ``σ²_cd = max(s²_cd, floor_d)`` with ``s²_cd`` the mean
+    of ``(x_d − μ_cd)²`` over its rows, or ``fallback_d`` (the data's variance) when ``n_c < 2``. The value is
+    ``Σ_c [n_c log(n_c / m) − ½ Σ_d (n_c log 2πσ²_cd + n_c s²_cd / σ²_cd)]``, the diagonal mixture's
+    log-likelihood of the rows with those labels and parameters. Restarts are ranked by it rather than by the
+    inertia: it is the quantity EM goes on to raise, and it weighs each cluster's spread. Squared deviations from
+    the centres (no cancellation) are summed in ``x``'s dtype by index-add (on a GPU their order, hence the last
+    bits, may vary between calls; under ``torch.distributed`` rank 0's choice is broadcast).
     """
+    runs, k, d = centers.shape
+    if labels.shape != (x.shape[0], runs):
+        raise ValueError(f"labels must have shape {(x.shape[0], runs)}, got {tuple(labels.shape)}")
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < k):
         raise ValueError(f"labels must lie in [0, {k}), got [{int(labels.min())}, {int(labels.max())}]")
-    runs, d = labels.shape[1], x.shape[1]
     counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
-    sums = torch.zeros(runs * k, 2 * d, dtype=torch.float64, device=x.device)
-    offsets = torch.arange(runs, device=x.device)[None, :] * k
-    for piece, piece_labels in zip(torch.split(x, chunk), torch.split(labels + offsets, chunk), strict=True):
-        p64 = piece.double()
-        both = torch.cat([p64, p64 * p64], 1)
+    squares = torch.zeros(runs * k, d, dtype=x.dtype, device=x.device)
+    for piece, piece_labels in zip(torch.split(x, chunk), torch.split(labels, chunk), strict=True):
         for j in range(runs):
-            counts += torch.bincount(piece_labels[:, j], minlength=runs * k)
-            sums.index_add_(0, piece_labels[:, j], both)
+            deviation = piece - centers[j][piece_labels[:, j]]
+            squares.index_add_(0, piece_labels[:, j] + j * k, deviation * deviation)
+        counts += torch.bincount((piece_labels + torch.arange(runs, device=x.device) * k).flatten(), minlength=runs * k)
     safe = counts.clamp_min(1.0)[:, None]
-    mean = sums[:, :d] / safe
-    spread = (sums[:, d:] / safe - mean * mean).clamp_min(0.0)
+    spread = squares.double() / safe
     variance = torch.where(counts[:, None] >= 2, torch.maximum(spread, floor.double()), fallback.double())
     per_dim = torch.log(2 * math.pi * variance) + spread / variance
     terms = counts * torch.log(safe[:, 0] / x.shape[0]) - 0.5 * counts * per_dim.sum(1)
@@ -326,7 +332,7 @@ def initial_parameters(
             if restarts > 1:
                 in_sample_units = metric.double() ** 2  # the sample is in EM's coordinates times ``metric``
                 scores = hard_log_likelihood(
-                    sample, labels, k, floor * in_sample_units, data.variance * in_sample_units, data.chunk_size
+                    sample, labels, runs, floor * in_sample_units, data.variance * in_sample_units, data.chunk_size
                 )
                 best = max(range(restarts), key=scores.__getitem__)
             else:
