@@ -120,10 +120,10 @@ def kmeans_plusplus(
         idx = torch.where(degenerate, (uniforms[i] * m).long().clamp_max(m - 1), drawn).flatten()
         cand = x[idx]  # (runs * trials, D)
         if product_dtype == x.dtype:
-            cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0).add_(x_sq)
-        else:  # one mixed-dtype pass: ‖c‖² + ‖x‖² − 2 c·x, the product read in bfloat16
-            cand_d2 = torch.add(x_sq[idx][:, None] + x_sq, torch.mm(cand.to(product_dtype), rows_last), alpha=-2.0)
-        cand_d2.clamp_min_(0.0)  # (runs * trials, m)
+            cand_d2 = torch.addmm(x_sq[idx][:, None], cand, rows_last, alpha=-2.0)
+        else:
+            cand_d2 = torch.mm(cand.to(product_dtype), rows_last).to(x.dtype).mul_(-2.0).add_(x_sq[idx][:, None])
+        cand_d2 = cand_d2.add_(x_sq).clamp_min_(0.0)  # (runs * trials, m)
         new_d2 = torch.minimum(d2[:, None, :], cand_d2.view(runs, trials, m))  # (runs, trials, m)
         best = new_d2.sum(2, dtype=torch.float64).argmin(1)  # (runs,)
         centers[:, i] = cand.view(runs, trials, d)[run_index, best]
