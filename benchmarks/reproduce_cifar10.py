@@ -754,7 +754,6 @@ def support_table(runs: list[dict]) -> list[str]:
             else "No row beats `default` on both held-out mean AUROC and held-out AURC on every model; averages "
             "over models are shown for reading, not as a criterion (they weigh a model by the spread of its figures)."
         ),
-        "",
     ]
     return lines
 
