@@ -698,11 +698,13 @@ def overhead_section(out: Path) -> list[str]:
             lines += [
                 f"### Inference cost: `{detector}`",
                 "",
-                f"`python benchmarks/overhead_bench.py --device cpu --detector {detector} > "
+                "`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python "
+                f"benchmarks/overhead_bench.py --device cpu --detector {detector} > "
                 f"{out}/overhead_{detector}.txt` (plain and `as_module()` forwards timed alternately; the "
                 "overhead is the median of the paired ratios, its interquartile range in brackets; the load "
-                "average of the machine is printed before and after: above ~1 on this 2-core machine, other "
-                "work shared the cores and the figures are not the detector's cost alone).",
+                "average of the machine is printed before and after: the benchmark's own two threads raise it "
+                "towards 2, and well above 2 other work shared the cores, so the figures are not the detector's "
+                "cost alone).",
                 "",
                 *path.read_text().strip().splitlines(),
                 "",
