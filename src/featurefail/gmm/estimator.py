@@ -97,7 +97,9 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             and five Lloyd steps on ``16 K`` rows) or ``"random_from_data"`` (random rows as means). See
             :mod:`featurefail.gmm.initialisation`.
         n_init: number of initialisations; the fit with the highest final lower bound is kept.
-        random_state: seed for the initialisation and re-seeding; ``None`` draws one.
+        random_state: seed for the initialisation and re-seeding; ``None`` draws one. (A float32 fit on a CPU
+            with native bfloat16 seeds k-means++ from bfloat16 products, so the same seed can start elsewhere on
+            a GPU or another CPU; see :func:`featurefail.gmm.initialisation.bfloat16_seeding`.)
         device: where EM runs; ``None`` means the device of the data.
         chunk_size: rows per chunk; ``None`` picks it from free memory (GPU) or a 64 MiB budget (CPU).
         weights_init: ``(K,)`` starting weights (sum to 1).
@@ -106,7 +108,8 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             any that are missing come from a hard assignment of the rows to the starting means.
         dtype: dtype of the matrix products, ``torch.float32`` (default) or ``torch.float64`` (for a reference
             or on GPUs where float64 is fast), or their names ``"float32"``/``"float64"``; stored as the
-            ``torch.dtype`` (``get_params()`` gives the name). Statistics are accumulated in float64 either way.
+            ``torch.dtype`` (``get_params()`` gives the name). Statistics are accumulated in float64 either way;
+            only the k-means++ seeding of a float32 fit may use bfloat16 products (``random_state``).
         precision_fallback: in float32, when the lower bound falls by more than rounding (which exact EM
             never does; it happens when dimensions collapse onto the variance floor), run the remaining
             iterations in float64. ``float64_from_iter_`` records when. With False, such a fall is a warning.

@@ -70,8 +70,9 @@ def nearest(x: torch.Tensor, centers: torch.Tensor, chunk: int) -> torch.Tensor:
 def bfloat16_seeding(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether k-means++ seeding of ``dtype`` rows on ``device`` computes its products in bfloat16: float32 rows on
     a CPU with native bfloat16 arithmetic (AVX-512 BF16, which every AMX CPU also has) through oneDNN, where the
-    seeding's ``(18, 128) @ (128, 20000)`` product ran 3-4x faster than in float32 (an AMD EPYC with AVX-512
-    BF16). Not on other CPUs (bfloat16 is emulated there), not for float64 rows, not on GPUs (not measured)."""
+    seeding's ``(18, 128) @ (128, 20000)`` product ran about twice as fast as in float32 (an AMD EPYC with
+    AVX-512 BF16). Not on other CPUs (bfloat16 is emulated there), not for float64 rows, not on GPUs (not
+    measured)."""
     if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -98,7 +99,7 @@ def kmeans_plusplus(
     product than each run's thin one, which the CPU computes well below its GEMM speed) and ``(n_runs, k, D)``
     is returned. ``product_dtype`` (default: ``x``'s) is the dtype of the candidate-by-row products: with
     ``torch.bfloat16`` the squared distances that weigh the draws and rank the candidates carry a rounding error
-    of about ``2⁻⁸ ‖x‖ ‖c‖`` (a chosen row's own distance is still set to zero); the centres are still rows of
+    of order ``2⁻⁸ ‖x‖ ‖c‖`` (a chosen row's own distance is still set to zero); the centres are still rows of
     ``x``.
     """
     m, d = x.shape
