@@ -1,0 +1,93 @@
+"""The results page's bookkeeping (benchmarks/reproduce_cifar10.py): cache build times and the regeneration time
+in the header, and the "what the held-out data support" table, on hand-made results."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from featurefail.evaluate import EvalResult, EvalRow, HolisticRow
+
+
+def _import_page():
+    """``benchmarks/reproduce_cifar10.py`` imports the benchmark's own ``models`` module, a name this test suite's
+    ``tests/models.py`` also has: import the script with the benchmark's module in place, then put ours back."""
+    ours = sys.modules.pop("models", None)
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        return importlib.import_module("reproduce_cifar10")
+    finally:
+        sys.path.remove(benchmarks)
+        sys.modules.pop("models", None)
+        if ours is not None:
+            sys.modules["models"] = ours
+
+
+page = _import_page()
+
+
+def test_cache_build_seconds_are_summed_only_when_every_part_was_timed(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path))
+    (tmp_path / "cache").mkdir()
+    assert page.cache_build_seconds(args, "m") is None
+    page.record_build(args, "m", "clean", 100.0)
+    page.record_build(args, "m", "attacks", 20.0)
+    assert page.cache_build_seconds(args, "m") is None  # corruptions not timed: no total claimed
+    page.record_build(args, "m", "corruptions", 40.0)
+    page.record_build(args, "m", "clean", 90.0)  # a rebuild replaces the part's time
+    assert page.cache_build_seconds(args, "m") == pytest.approx(150.0)
+
+
+def test_regeneration_time_adds_up_or_says_what_is_missing():
+    runs = [
+        {"name": "a", "seconds": 700.0, "collect_seconds": 100.0, "cache_build_seconds": 300.0},
+        {"name": "b", "seconds": 1250.0, "collect_seconds": 50.0, "cache_build_seconds": 333.0},
+    ]
+    text = page.regeneration_time(runs)
+    # cache 633 s = 10.6 min, scoring 600 + 1200 s = 30.0 min; the total is the sum of the printed parts
+    assert "takes 40.6 min" in text and "10.6 min to build the cache" in text and "30.0 min of scoring" in text
+    runs[1]["cache_build_seconds"] = None
+    text = page.regeneration_time(runs)
+    assert "not recorded for b" in text and "takes" not in text
+
+
+def _result(means: dict[str, float], aurc: dict[str, float]) -> EvalResult:
+    """Every row scores ``means[row]`` AUROC on both held-out sources used here, and ``aurc[row]`` on the stream."""
+    rows = [
+        EvalRow(row, source, "ood", 10, 5, auroc, 0.0, 0.5, 0.0, 0.5, 0.0, 0.5, 0.0, 1)
+        for row, auroc in means.items()
+        for source in ("ood: mnist", "fgsm ε=8/255")
+    ]
+    holistic = [
+        HolisticRow(row, "held-out", 20, 5, value, 0.0, 0.0, 0.0, 0.8, 0.1, 0.0, 1) for row, value in aurc.items()
+    ]
+    return EvalResult(rows=rows, holistic=holistic)
+
+
+def test_support_table_counts_models_where_a_row_beats_the_default():
+    runs = [
+        {
+            "name": "m1",
+            "result": _result(
+                {"default": 0.80, "knn": 0.90, "energy": 0.70}, {"default": 0.10, "knn": 0.08, "energy": 0.12}
+            ),
+        },
+        {
+            "name": "m2",
+            "result": _result(
+                {"default": 0.80, "knn": 0.85, "energy": 0.90}, {"default": 0.10, "knn": 0.09, "energy": 0.11}
+            ),
+        },
+    ]
+    lines = page.support_table(runs)
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    # knn: mean (0.90 + 0.85) / 2 = 87.5, AURC (80 + 90) / 2 = 85.0 ‰, beats default on both models for both
+    assert row["knn"] == "| knn | **87.5** | **85.0** | 2/2 | 2/2 |"
+    assert row["energy"] == "| energy | 80.0 | 115.0 | 1/2 | 0/2 |"
+    assert row["default"] == "| default | 80.0 | 100.0 | – | – |"
+    assert any("Beating `default` on both on every model: `knn`." in line for line in lines)
