@@ -120,17 +120,19 @@ def _timing_path(args: argparse.Namespace, name: str) -> Path:
     return Path(args.out) / "cache" / f"{name}-build-seconds.json"
 
 
+def _build_times(args: argparse.Namespace, name: str) -> dict[str, float]:
+    path = _timing_path(args, name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def record_build(args: argparse.Namespace, name: str, part: str, seconds: float) -> None:
     """Keep how long building one cache part took, next to the cache (read back by :func:`cache_build_seconds`)."""
-    path = _timing_path(args, name)
-    times = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**times, part: seconds}, indent=2))
+    _timing_path(args, name).write_text(json.dumps({**_build_times(args, name), part: seconds}, indent=2))
 
 
 def cache_build_seconds(args: argparse.Namespace, name: str) -> float | None:
     """Seconds it took to build this model's whole cache, or None if a part was built without a record."""
-    path = _timing_path(args, name)
-    times = json.loads(path.read_text()) if path.exists() else {}
+    times = _build_times(args, name)
     return sum(times[p] for p in CACHE_PARTS) if all(p in times for p in CACHE_PARTS) else None
 
 

@@ -241,11 +241,13 @@ def hard_log_likelihood(
         raise ValueError(f"labels must lie in [0, {k}), got [{int(labels.min())}, {int(labels.max())}]")
     counts = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
     squares = torch.zeros(runs * k, d, dtype=x.dtype, device=x.device)
-    for piece, piece_labels in zip(torch.split(x, chunk), torch.split(labels, chunk), strict=True):
+    flat = labels + torch.arange(runs, device=x.device) * k  # (m, R): rows of the stacked (R·K) clusters
+    counts += torch.bincount(flat.flatten(), minlength=runs * k)
+    stacked = centers.reshape(runs * k, d)
+    for piece, piece_flat in zip(torch.split(x, chunk), torch.split(flat, chunk), strict=True):
         for j in range(runs):
-            deviation = piece - centers[j][piece_labels[:, j]]
-            squares.index_add_(0, piece_labels[:, j] + j * k, deviation * deviation)
-        counts += torch.bincount((piece_labels + torch.arange(runs, device=x.device) * k).flatten(), minlength=runs * k)
+            deviation = piece - stacked[piece_flat[:, j]]
+            squares.index_add_(0, piece_flat[:, j], deviation * deviation)
     safe = counts.clamp_min(1.0)[:, None]
     spread = squares.double() / safe
     variance = torch.where(counts[:, None] >= 2, torch.maximum(spread, floor.double()), fallback.double())
