@@ -160,3 +160,36 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     for card in (base, semi):
         assert 0 <= card["test_accuracy"] <= 1 and card["command"].startswith("python")
         assert (out / f"{card['name']}.safetensors").exists()
+
+
+def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
+    """``--labelled-model`` reuses an earlier run's labelled-only model: the rounds after it, their pseudo-labels and
+    the final weights are those of the full run; a round-0 model of other arguments is refused; every round trains
+    at least ``--round-min-steps`` steps."""
+    from safetensors.torch import load_file
+
+    x, y = synthetic_images(5600, seed=2)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "cifar10_train.npz", x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy())
+    np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
+    common = ["--arch", "vgg", "--widths", "8", "16", "16", "--semi", "--labels-per-class", "3", "--rounds", "2"]
+    common += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300"]
+    common += ["--data-dir", str(data), "--no-bf16"]
+    train_main([*common, "--out", str(tmp_path / "full")])
+    base = tmp_path / "full" / "vgg-labelled30.safetensors"
+    train_main([*common, "--out", str(tmp_path / "resumed"), "--labelled-model", str(base)])
+    full = json.loads((tmp_path / "full" / "vgg-semi30.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "vgg-semi30.json").read_text())
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full["rounds"]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["rounds"]]
+    assert resumed["labelled_model"] == str(base) and full["labelled_model"] is None
+    assert (tmp_path / "resumed" / "vgg-labelled30.json").exists()
+    weights = [load_file(str(tmp_path / d / "vgg-semi30.safetensors")) for d in ("full", "resumed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # each round trained at least 5 steps although one epoch of ~150 images at batch 1024 is one step
+    assert full["steps"] >= 5 and full["round_min_steps"] == 5
+    with pytest.raises(ValueError, match="round-0 model"):
+        train_main(
+            [*common[:3], "8", "16", "32", *common[6:], "--out", str(tmp_path / "x"), "--labelled-model", str(base)]
+        )

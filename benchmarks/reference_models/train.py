@@ -22,6 +22,9 @@ labelled images alone — that model is also the labelled-only baseline, saved a
 next round predicts the unlabelled images (flip-averaged), keeps the most confident ``r/R`` of every predicted
 class as pseudo-labels, and trains a fresh model on the labelled plus pseudo-labelled images. The unlabelled
 images' labels are never used in training; the pseudo-label accuracy is logged for information.
+``--round-min-steps`` makes every round's model train at least that many steps (an early round of ~10,000
+images at 10 epochs is otherwise under 100 steps); ``--labelled-model`` takes round 0 from an earlier run of the
+same arguments instead of training it again (checked against them; its wall time counts in the card).
 
 Every model is written as ``<name>.safetensors`` with a JSON card (data, split, recipe, device, wall time,
 images/s, validation and untouched test accuracy, the command).
@@ -34,6 +37,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import WhitenedVGG, make_model
+from architectures import WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, cutout, translate_and_flip
 
 
@@ -267,6 +271,28 @@ def save(model: torch.nn.Module, info: dict, out: Path) -> None:
     print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "losses", "rounds")}), flush=True)
 
 
+def load_round_zero(path: Path, args, n_labelled: int, copy_to: Path) -> tuple[torch.nn.Module, dict]:
+    """The labelled-only model saved by an earlier ``--semi`` run, checked against this run's arguments, and its
+    card's training record; its weights and card are copied to ``copy_to`` (and its ``.json``) when elsewhere."""
+    info = json.loads(path.with_suffix(".json").read_text())
+    expected = {"arch": args.arch, "widths": list(args.widths) if args.widths else None, "labelled_images": n_labelled}
+    found = {k: info.get(k) for k in expected}
+    if found != expected or info.get("recipe", {}).get("min_steps") != args.min_steps:
+        raise ValueError(
+            f"{path}: a round-0 model of {found}, min_steps {info.get('recipe', {}).get('min_steps')}; "
+            f"this run needs {expected}, min_steps {args.min_steps}"
+        )
+    for flag in (f"--seed {args.seed}", f"--split-seed {args.split_seed}"):
+        if flag.split()[0] in info["command"] and flag not in info["command"]:
+            raise ValueError(f"{path}: trained with another {flag.split()[0]} ({info['command']})")
+    if copy_to.resolve() != path.resolve():
+        copy_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy_to)
+        copy_to.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    keys = ("seconds", "images_per_second", "steps", "epochs")
+    return load_reference_model(path), {k: info[k] for k in keys}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vgg", choices=["vgg", "vgg-tanh", "resnet9"])
@@ -286,6 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-steps", type=int, default=400, help="(--semi) fewest steps of the labelled-only model")
+    parser.add_argument(
+        "--round-min-steps", type=int, default=0, help="(--semi) fewest steps of each pseudo-labelled round's model"
+    )
+    parser.add_argument(
+        "--labelled-model",
+        default=None,
+        help="(--semi) the round-0 model of an earlier run of the same arguments (its .safetensors; the card beside "
+        "it), used instead of training it again; its seconds count in the wall time",
+    )
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded random N images (smoke runs)")
@@ -357,19 +392,24 @@ def main(argv: list[str] | None = None) -> None:
         val=val,
         eval_every=args.eval_every,
     )
-    teacher = make_model(args.arch, args.widths)
     prefix = args.name or args.arch
     base = f"{prefix}-labelled{len(labelled)}"
-    result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
-    finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
+    if args.labelled_model:
+        teacher, result = load_round_zero(Path(args.labelled_model), args, len(labelled), out / f"{base}.safetensors")
+    else:
+        teacher = make_model(args.arch, args.widths)
+        result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
+        finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
+    round_recipe = dataclasses.replace(args.recipe, min_steps=args.round_min_steps)
     rounds, seconds = [], result["seconds"]
     for r in range(1, args.rounds + 1):
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
         kept, labels = pseudo_labels(probs, r / args.rounds)
+        torch.manual_seed(args.seed + r)  # the same student whether round 0 was trained here or loaded
         student = make_model(args.arch, args.widths)
         xs = torch.cat([x[labelled], x[unlabelled[kept]]])
         ys = torch.cat([y[labelled], labels])
-        result = train(student, xs, ys, args.recipe, label=f"semi round {r}", **common)
+        result = train(student, xs, ys, round_recipe, label=f"semi round {r}", **common)
         seconds += result["seconds"]
         rounds.append(
             {
@@ -389,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
         name,
         result,
         method="curriculum labelling",
+        round_min_steps=args.round_min_steps,
+        labelled_model=args.labelled_model,
         labelled_images=len(labelled),
         unlabelled_images=len(unlabelled),
     )
