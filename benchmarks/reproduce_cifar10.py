@@ -620,7 +620,15 @@ def describe_training(info: dict) -> str:
     """How a reference model was trained, from its JSON card (new cards: ``method``/``labelled_images``; older
     ones: ``semi``/``labels_per_class``)."""
     if info.get("method"):
-        return f", {info['method']} ({info['labelled_images']} labelled images, the rest unlabelled)"
+        text = f", {info['method']} ({info['labelled_images']} labelled images, the rest unlabelled)"
+        if baseline := info.get("labelled_only"):
+            gain = 100 * (info["test_accuracy"] - baseline["test_accuracy"])
+            text += (
+                f"; its card: {100 * info['test_accuracy']:.2f}% test, the same network trained on the "
+                f"{info['labelled_images']} labelled images alone {100 * baseline['test_accuracy']:.2f}% "
+                f"({gain:+.1f} points)"
+            )
+        return text
     if info.get("semi"):
         return f", semi-supervised ({info['labels_per_class']} labels per class)"
     return ""

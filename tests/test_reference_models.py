@@ -184,6 +184,9 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full["rounds"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["rounds"]]
     assert resumed["labelled_model"] == str(base) and full["labelled_model"] is None
+    base_card = json.loads(base.with_suffix(".json").read_text())
+    assert full["labelled_only"] == resumed["labelled_only"]
+    assert full["labelled_only"]["test_accuracy"] == base_card["test_accuracy"]
     assert (tmp_path / "resumed" / "vgg-labelled30.json").exists()
     weights = [load_file(str(tmp_path / d / "vgg-semi30.safetensors")) for d in ("full", "resumed")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -91,3 +91,16 @@ def test_support_table_counts_models_where_a_row_beats_the_default():
     assert row["energy"] == "| energy | 80.0 | 115.0 | 1/2 | 0/2 |"
     assert row["default"] == "| default | 80.0 | 100.0 | – | – |"
     assert any("Beating `default` on both on every model: `knn`." in line for line in lines)
+
+
+def test_semi_supervised_model_is_described_with_its_labelled_only_baseline():
+    info = {
+        "method": "curriculum labelling",
+        "labelled_images": 1000,
+        "test_accuracy": 0.6612,
+        "labelled_only": {"name": "vgg-labelled1000", "test_accuracy": 0.551},
+    }
+    text = page.describe_training(info)
+    assert "66.12% test" in text and "1000 labelled images alone 55.10%" in text and "(+11.0 points)" in text
+    del info["labelled_only"]  # older cards: no baseline claimed
+    assert page.describe_training(info) == ", curriculum labelling (1000 labelled images, the rest unlabelled)"

@@ -273,7 +273,7 @@ def save(model: torch.nn.Module, info: dict, out: Path) -> None:
 
 def load_round_zero(path: Path, args, n_labelled: int, copy_to: Path) -> tuple[torch.nn.Module, dict]:
     """The labelled-only model saved by an earlier ``--semi`` run, checked against this run's arguments, and its
-    card's training record; its weights and card are copied to ``copy_to`` (and its ``.json``) when elsewhere."""
+    card; its weights and card are copied to ``copy_to`` (and its ``.json``) when elsewhere."""
     info = json.loads(path.with_suffix(".json").read_text())
     expected = {"arch": args.arch, "widths": list(args.widths) if args.widths else None, "labelled_images": n_labelled}
     found = {k: info.get(k) for k in expected}
@@ -289,8 +289,7 @@ def load_round_zero(path: Path, args, n_labelled: int, copy_to: Path) -> tuple[t
         copy_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, copy_to)
         copy_to.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
-    keys = ("seconds", "images_per_second", "steps", "epochs")
-    return load_reference_model(path), {k: info[k] for k in keys}
+    return load_reference_model(path), info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -348,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
         val, test = (val[0][sub_val], val[1][sub_val]), (test[0][sub_test], test[1][sub_test])
     out = Path(args.out)
 
-    def finish(model: torch.nn.Module, name: str, result: dict, **extra) -> None:
-        save(model, card(name, args.arch, result, model, val, test, device, bf16, args, **extra), out)
+    def finish(model: torch.nn.Module, name: str, result: dict, **extra) -> dict:
+        info = card(name, args.arch, result, model, val, test, device, bf16, args, **extra)
+        save(model, info, out)
+        return info
 
     if not args.semi:
         model = make_model(args.arch, args.widths)
@@ -395,11 +396,14 @@ def main(argv: list[str] | None = None) -> None:
     prefix = args.name or args.arch
     base = f"{prefix}-labelled{len(labelled)}"
     if args.labelled_model:
-        teacher, result = load_round_zero(Path(args.labelled_model), args, len(labelled), out / f"{base}.safetensors")
+        teacher, base_info = load_round_zero(
+            Path(args.labelled_model), args, len(labelled), out / f"{base}.safetensors"
+        )
     else:
         teacher = make_model(args.arch, args.widths)
         result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
-        finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
+        base_info = finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
+    result = {k: base_info[k] for k in ("seconds", "images_per_second", "steps", "epochs")}
     round_recipe = dataclasses.replace(args.recipe, min_steps=args.round_min_steps)
     rounds, seconds = [], result["seconds"]
     for r in range(1, args.rounds + 1):
@@ -431,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         method="curriculum labelling",
         round_min_steps=args.round_min_steps,
         labelled_model=args.labelled_model,
+        labelled_only={k: base_info[k] for k in ("name", "val_accuracy", "test_accuracy", "test_accuracy_flip_tta")},
         labelled_images=len(labelled),
         unlabelled_images=len(unlabelled),
     )
