@@ -580,9 +580,11 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         lines += [
             f"## {name}",
             "",
-            f"{info['arch']}{semi}; test accuracy {100 * result.accuracy:.2f}%. Wall time {run['seconds'] / 60:.1f} "
-            f"min (of which features/attacks/corruptions {run['collect_seconds'] / 60:.1f} min, from the cache "
-            "where it existed); layers: " + ", ".join(f"`{la}`" for la in run["layers"]) + ".",
+            f"{info['arch']}{semi}; test accuracy in this run {100 * result.accuracy:.2f}%. "
+            f"Wall time {run['seconds'] / 60:.1f} min (of which features/attacks/corruptions "
+            f"{run['collect_seconds'] / 60:.1f} min, from the cache where it existed); layers: "
+            + ", ".join(f"`{la}`" for la in run["layers"])
+            + ".",
             "",
             *(
                 [
@@ -624,7 +626,7 @@ def describe_training(info: dict) -> str:
         if baseline := info.get("labelled_only"):
             gain = 100 * (info["test_accuracy"] - baseline["test_accuracy"])
             text += (
-                f"; its card: {100 * info['test_accuracy']:.2f}% test, the same network trained on the "
+                f"; its card (bf16 autocast): {100 * info['test_accuracy']:.2f}% test, the same network trained on the "
                 f"{info['labelled_images']} labelled images alone {100 * baseline['test_accuracy']:.2f}% "
                 f"({gain:+.1f} points)"
             )
@@ -841,8 +843,8 @@ def main() -> None:
     for w in weights:
         if args.models is not None and w.stem not in args.models:
             previous = load_run(Path(args.out) / w.stem)
-            if previous is not None:
-                runs.append(previous)
+            if previous is not None:  # training facts from the card as it is now (e.g. a baseline added later)
+                runs.append({**previous, "info": json.loads(w.with_suffix(".json").read_text())})
             continue
         if args.collect_only:
             model, info = load_reference(w)
