@@ -626,7 +626,8 @@ def describe_training(info: dict) -> str:
         if baseline := info.get("labelled_only"):
             gain = 100 * (info["test_accuracy"] - baseline["test_accuracy"])
             text += (
-                f"; its card (bf16 autocast): {100 * info['test_accuracy']:.2f}% test, the same network trained on the "
+                f"; its card{' (bf16 autocast)' if info.get('bf16_autocast') else ''}: "
+                f"{100 * info['test_accuracy']:.2f}% test, the same network trained on the "
                 f"{info['labelled_images']} labelled images alone {100 * baseline['test_accuracy']:.2f}% "
                 f"({gain:+.1f} points)"
             )
@@ -843,8 +844,9 @@ def main() -> None:
     for w in weights:
         if args.models is not None and w.stem not in args.models:
             previous = load_run(Path(args.out) / w.stem)
-            if previous is not None:  # training facts from the card as it is now (e.g. a baseline added later)
-                runs.append({**previous, "info": json.loads(w.with_suffix(".json").read_text())})
+            if previous is not None:  # the run's card, plus fields added to the card since (e.g. its baseline)
+                card = json.loads(w.with_suffix(".json").read_text())
+                runs.append({**previous, "info": {**card, **previous["info"]}})
             continue
         if args.collect_only:
             model, info = load_reference(w)

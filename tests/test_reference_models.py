@@ -164,8 +164,8 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
 
 def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
     """``--labelled-model`` reuses an earlier run's labelled-only model: the rounds after it, their pseudo-labels and
-    the final weights are those of the full run; a round-0 model of other arguments is refused; every round trains
-    at least ``--round-min-steps`` steps."""
+    the final weights are those of the full run, and its seconds count; a semi-supervised card, or a round 0 of
+    other arguments, is refused; every round trains at least ``--round-min-steps`` steps."""
     from safetensors.torch import load_file
 
     x, y = synthetic_images(5600, seed=2)
@@ -173,26 +173,51 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
     data.mkdir()
     np.savez(data / "cifar10_train.npz", x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy())
     np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
-    common = ["--arch", "vgg", "--widths", "8", "16", "16", "--semi", "--labels-per-class", "3", "--rounds", "2"]
-    common += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300"]
-    common += ["--data-dir", str(data), "--no-bf16"]
-    train_main([*common, "--out", str(tmp_path / "full")])
+
+    def run(out: str, *extra: str, widths: tuple[str, ...] = ("8", "16", "16")) -> None:
+        args = ["--arch", "vgg", "--widths", *widths, "--semi", "--labels-per-class", "3", "--rounds", "2"]
+        args += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300"]
+        train_main([*args, "--data-dir", str(data), "--no-bf16", "--out", str(tmp_path / out), *extra])
+
+    run("full")
     base = tmp_path / "full" / "vgg-labelled30.safetensors"
-    train_main([*common, "--out", str(tmp_path / "resumed"), "--labelled-model", str(base)])
+    run("resumed", "--labelled-model", str(base))
     full = json.loads((tmp_path / "full" / "vgg-semi30.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "vgg-semi30.json").read_text())
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full["rounds"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["rounds"]]
-    assert resumed["labelled_model"] == str(base) and full["labelled_model"] is None
-    base_card = json.loads(base.with_suffix(".json").read_text())
-    assert full["labelled_only"] == resumed["labelled_only"]
-    assert full["labelled_only"]["test_accuracy"] == base_card["test_accuracy"]
-    assert (tmp_path / "resumed" / "vgg-labelled30.json").exists()
+    assert all(r["steps"] >= 5 for r in full["rounds"])  # one epoch of ~150 images at batch 1024 is one step
     weights = [load_file(str(tmp_path / d / "vgg-semi30.safetensors")) for d in ("full", "resumed")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    # each round trained at least 5 steps although one epoch of ~150 images at batch 1024 is one step
-    assert full["steps"] >= 5 and full["round_min_steps"] == 5
-    with pytest.raises(ValueError, match="round-0 model"):
-        train_main(
-            [*common[:3], "8", "16", "32", *common[6:], "--out", str(tmp_path / "x"), "--labelled-model", str(base)]
-        )
+    base_card = json.loads(base.with_suffix(".json").read_text())
+    assert full["labelled_only"]["test_accuracy"] == base_card["test_accuracy"]
+    assert resumed["labelled_model"] == str(base) and full["labelled_model"] is None
+    assert resumed["seconds"] == pytest.approx(
+        base_card["seconds"] + sum(r["seconds"] for r in resumed["rounds"]), abs=0.2
+    )
+    copied = json.loads((tmp_path / "resumed" / "vgg-labelled30.json").read_text())
+    assert copied["name"] == "vgg-labelled30" and copied["copied_from"] == str(base)
+    with pytest.raises(ValueError, match="not a round-0"):
+        run("x", "--labelled-model", str(tmp_path / "full" / "vgg-semi30.safetensors"))
+    with pytest.raises(ValueError, match="widths"):
+        run("x", "--labelled-model", str(base), widths=("8", "16", "32"))
+    with pytest.raises(ValueError, match="seed"):
+        run("x", "--labelled-model", str(base), "--seed", "1")
+    with pytest.raises(ValueError, match="cutout"):
+        run("x", "--labelled-model", str(base), "--cutout", "4")
+
+
+def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
+    x, y = synthetic_images(5600, seed=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "cifar10_train.npz", x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy())
+    np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
+    args = ["--arch", "vgg", "--widths", "8", "16", "16", "--semi", "--labels-per-class", "3", "--rounds", "0"]
+    args += ["--epochs", "1", "--min-steps", "2", "--limit", "300", "--data-dir", str(data), "--no-bf16"]
+    train_main([*args, "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["vgg-labelled30.json", "vgg-labelled30.safetensors"]
+    card = json.loads((tmp_path / "out" / "vgg-labelled30.json").read_text())
+    assert card["command"].endswith("--no-bf16 --out " + str(tmp_path / "out"))  # this call's arguments
+    with pytest.raises(SystemExit):
+        train_main(["--data-dir", str(data), "--round-min-steps", "5"])  # without --semi

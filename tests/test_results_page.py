@@ -98,9 +98,14 @@ def test_semi_supervised_model_is_described_with_its_labelled_only_baseline():
         "method": "curriculum labelling",
         "labelled_images": 1000,
         "test_accuracy": 0.6612,
+        "bf16_autocast": True,
         "labelled_only": {"name": "vgg-labelled1000", "test_accuracy": 0.551},
     }
     text = page.describe_training(info)
-    assert "66.12% test" in text and "1000 labelled images alone 55.10%" in text and "(+11.0 points)" in text
+    assert (
+        "its card (bf16 autocast): 66.12% test" in text
+        and "1000 labelled images alone 55.10%" in text
+        and "(+11.0 points)" in text
+    )
     del info["labelled_only"]  # older cards: no baseline claimed
     assert page.describe_training(info) == ", curriculum labelling (1000 labelled images, the rest unlabelled)"

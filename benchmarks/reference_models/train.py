@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -247,7 +248,7 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "val_accuracy": round(val_acc, 4),
         "test_accuracy": round(accuracy(model, *test, device, tta=False, bf16=bf16), 4),
         "test_accuracy_flip_tta": round(accuracy(model, *test, device, tta=True, bf16=bf16), 4),
-        "command": "python " + " ".join(sys.argv),
+        "command": args.command,
     }
 
 
@@ -271,28 +272,29 @@ def save(model: torch.nn.Module, info: dict, out: Path) -> None:
     print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "losses", "rounds")}), flush=True)
 
 
-def load_round_zero(path: Path, args, n_labelled: int, copy_to: Path) -> tuple[torch.nn.Module, dict]:
-    """The labelled-only model saved by an earlier ``--semi`` run, checked against this run's arguments, and its
-    card; its weights and card are copied to ``copy_to`` (and its ``.json``) when elsewhere."""
+def load_round_zero(path: Path, args, device: torch.device, copy_to: Path) -> tuple[torch.nn.Module, dict]:
+    """The labelled-only model saved by an earlier ``--semi`` run, on ``device``, and its card, refused unless that
+    run had this run's ``ROUND_ZERO_ARGUMENTS`` and device type (its command, as recorded in the card, is parsed
+    again). Its weights and card are copied to ``copy_to`` (card renamed, ``copied_from`` added) when elsewhere."""
     info = json.loads(path.with_suffix(".json").read_text())
-    expected = {"arch": args.arch, "widths": list(args.widths) if args.widths else None, "labelled_images": n_labelled}
-    found = {k: info.get(k) for k in expected}
-    if found != expected or info.get("recipe", {}).get("min_steps") != args.min_steps:
-        raise ValueError(
-            f"{path}: a round-0 model of {found}, min_steps {info.get('recipe', {}).get('min_steps')}; "
-            f"this run needs {expected}, min_steps {args.min_steps}"
-        )
-    for flag in (f"--seed {args.seed}", f"--split-seed {args.split_seed}"):
-        if flag.split()[0] in info["command"] and flag not in info["command"]:
-            raise ValueError(f"{path}: trained with another {flag.split()[0]} ({info['command']})")
+    if info.get("unlabelled_images") != 0 or "method" in info:
+        raise ValueError(f"{path}: not a round-0 (labelled-only) model: its card names unlabelled images or a method")
+    earlier = build_parser().parse_args(shlex.split(info["command"])[2:])
+    differ = {k: (getattr(earlier, k), getattr(args, k)) for k in ROUND_ZERO_ARGUMENTS}
+    differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+    if not earlier.semi or differ:
+        raise ValueError(f"{path}: its round-0 run differs from this run in (theirs, ours) {differ or '--semi'}")
+    if (info["device"] == "cpu") != (device.type == "cpu"):
+        raise ValueError(f"{path}: trained on {info['device']}, this run is on {device}: the wall times would mix")
     if copy_to.resolve() != path.resolve():
         copy_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, copy_to)
-        copy_to.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
-    return load_reference_model(path), info
+        info = {**info, "name": copy_to.stem, "copied_from": str(path)}
+        copy_to.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return load_reference_model(path).to(device), info
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vgg", choices=["vgg", "vgg-tanh", "resnet9"])
     parser.add_argument("--data-dir", required=True)
@@ -325,7 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded random N images (smoke runs)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N epochs (in the log)")
+    return parser
+
+
+# the arguments a round-0 model must share with the run that loads it (--labelled-model)
+ROUND_ZERO_ARGUMENTS = ("arch", "widths", "epochs", "translate", "cutout", "seed", "split_seed", "labels_per_class")
+ROUND_ZERO_ARGUMENTS += ("min_steps", "no_bf16", "no_channels_last", "limit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "benchmarks/reference_models/train.py", *argv])
+    if not args.semi and (args.labelled_model or args.round_min_steps):
+        parser.error("--labelled-model and --round-min-steps need --semi")
+    if args.rounds < 0:
+        parser.error("--rounds must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -396,20 +414,20 @@ def main(argv: list[str] | None = None) -> None:
     prefix = args.name or args.arch
     base = f"{prefix}-labelled{len(labelled)}"
     if args.labelled_model:
-        teacher, base_info = load_round_zero(
-            Path(args.labelled_model), args, len(labelled), out / f"{base}.safetensors"
-        )
+        teacher, base_info = load_round_zero(Path(args.labelled_model), args, device, out / f"{base}.safetensors")
     else:
         teacher = make_model(args.arch, args.widths)
         result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
         base_info = finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
+    if args.rounds == 0:
+        return
     result = {k: base_info[k] for k in ("seconds", "images_per_second", "steps", "epochs")}
     round_recipe = dataclasses.replace(args.recipe, min_steps=args.round_min_steps)
     rounds, seconds = [], result["seconds"]
     for r in range(1, args.rounds + 1):
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
         kept, labels = pseudo_labels(probs, r / args.rounds)
-        torch.manual_seed(args.seed + r)  # the same student whether round 0 was trained here or loaded
+        torch.manual_seed(args.seed)  # as train() left it: the same student whether round 0 was trained or loaded
         student = make_model(args.arch, args.widths)
         xs = torch.cat([x[labelled], x[unlabelled[kept]]])
         ys = torch.cat([y[labelled], labels])
@@ -421,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
                 "pseudo_labelled": len(kept),
                 "pseudo_label_accuracy": round(float((labels == y[unlabelled[kept]]).float().mean()), 4),
                 "seconds": result["seconds"],
+                "steps": result["steps"],
+                "epochs": result["epochs"],
                 "val_accuracy": round(accuracy(student, *val, device, tta=False, bf16=bf16), 4),
             }
         )
