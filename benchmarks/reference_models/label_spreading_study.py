@@ -25,6 +25,7 @@ from sklearn.semi_supervised import LabelSpreading
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import load_reference_model
 from cifar_data import cifar10_splits
+from train import pseudo_labels
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -43,16 +44,13 @@ def embed(model: torch.nn.Module, images: torch.Tensor, batch: int = 1000) -> tu
     return torch.cat(features).numpy(), torch.cat(probs).numpy()
 
 
-def kept_accuracy(pred: np.ndarray, confidence: np.ndarray, truth: np.ndarray) -> list[float]:
-    """Accuracy of the most confident fraction of each predicted class, for each of ``FRACTIONS``."""
+def kept_accuracy(probs: np.ndarray, truth: np.ndarray) -> list[float]:
+    """Accuracy of the labels curriculum labelling would keep from ``probs`` ``(N, C)`` (``train.pseudo_labels``:
+    the most confident fraction of each predicted class), for each of ``FRACTIONS``."""
     out = []
     for fraction in FRACTIONS:
-        keep = []
-        for c in np.unique(pred):
-            members = np.nonzero(pred == c)[0]
-            keep.append(members[np.argsort(-confidence[members])[: max(1, round(fraction * len(members)))]])
-        keep = np.concatenate(keep)
-        out.append(round(float((pred[keep] == truth[keep]).mean()), 4))
+        kept, labels = pseudo_labels(torch.from_numpy(probs), fraction)
+        out.append(round(float((labels.numpy() == truth[kept.numpy()]).mean()), 4))
     return out
 
 
@@ -79,7 +77,7 @@ def main() -> None:
     f_val, p_val = embed(model, x_val)
     truth = y_val.numpy()
     softmax = p_val.argmax(1)
-    print(f"softmax: val {np.mean(softmax == truth):.4f}, kept {kept_accuracy(softmax, p_val.max(1), truth)}")
+    print(f"softmax: val {np.mean(softmax == truth):.4f}, kept {kept_accuracy(p_val, truth)}")
     features = np.concatenate([f_train, f_val])
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     seeds = np.full(len(features), -1)
@@ -92,9 +90,7 @@ def main() -> None:
             )
         dist = spreading.label_distributions_[len(f_train) :]
         pred = dist.argmax(1)
-        print(
-            f"label spreading k={k}: val {np.mean(pred == truth):.4f}, kept {kept_accuracy(pred, dist.max(1), truth)}"
-        )
+        print(f"label spreading k={k}: val {np.mean(pred == truth):.4f}, kept {kept_accuracy(dist, truth)}")
 
 
 if __name__ == "__main__":
