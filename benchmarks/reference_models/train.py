@@ -421,9 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         base_info = finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
     if args.rounds == 0:
         return
-    result = {k: base_info[k] for k in ("seconds", "images_per_second", "steps", "epochs")}
     round_recipe = dataclasses.replace(args.recipe, min_steps=args.round_min_steps)
-    rounds, seconds = [], result["seconds"]
+    rounds, seconds = [], base_info["seconds"]
     for r in range(1, args.rounds + 1):
         probs = predict(teacher, x[unlabelled], device, tta=True, bf16=bf16)
         kept, labels = pseudo_labels(probs, r / args.rounds)
