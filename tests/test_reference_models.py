@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
 from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
-from train import Recipe, pseudo_labels, train, triangle
+from train import Recipe, accuracy, mixed_cross_entropy, pseudo_labels, train, triangle
 from train import main as train_main
 
 
@@ -58,6 +58,33 @@ def test_each_architecture_trains_and_round_trips(arch, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x[:16].float() / 255), model(x[:16].float() / 255), atol=1e-5)
     assert got.shape == expected.shape
+
+
+def test_mixed_cross_entropy_is_the_cross_entropy_of_the_mixed_smoothed_targets():
+    """Cross-entropy is linear in the target: mixing the two losses equals one loss against the mixed targets."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 10, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    partner = torch.randperm(16, generator=g)
+    smoothing, weight = 0.2, 0.3
+
+    def smoothed(labels):
+        return torch.nn.functional.one_hot(labels, 10).float() * (1 - smoothing) + smoothing / 10
+
+    targets = weight * smoothed(y) + (1 - weight) * smoothed(y[partner])
+    expected = -(targets * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(mixed_cross_entropy(logits, y, partner, weight, smoothing), expected, atol=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
+    assert torch.allclose(mixed_cross_entropy(logits, y, partner, 1.0, smoothing), plain)
+
+
+def test_training_with_mixup_learns_the_training_images():
+    x, y = synthetic_images(256, seed=4)
+    model = make_model("vgg", (8, 16, 16))
+    recipe = Recipe(epochs=10, batch=32, lr=0.5, whiten_bias_epochs=1, mixup=1.0)
+    result = train(model, x, y, recipe, device=torch.device("cpu"), seed=0, bf16=False)
+    assert result["losses"][-1] < 0.85 * result["losses"][0], result["losses"]
+    assert accuracy(model, x, y, torch.device("cpu"), tta=False, bf16=False) > 0.4  # chance: 0.1
 
 
 def test_tanh_variant_bounds_the_features():
@@ -205,6 +232,8 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
         run("x", "--labelled-model", str(base), "--seed", "1")
     with pytest.raises(ValueError, match="cutout"):
         run("x", "--labelled-model", str(base), "--cutout", "4")
+    with pytest.raises(ValueError, match="mixup"):
+        run("x", "--labelled-model", str(base), "--mixup", "1")
 
 
 def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):

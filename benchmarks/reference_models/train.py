@@ -66,6 +66,7 @@ class Recipe:
     min_steps: int = 0  # small sets (the labelled-only model) train for at least this many steps
     translate: int = 2  # pixels of random translation
     cutout: int = 0  # side of the square cut out of every training image (0: none)
+    mixup: float = 0.0  # Beta(α, α) of mixup's mixing weight, one per batch (0: no mixup)
 
 
 def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
@@ -88,6 +89,16 @@ class Lookahead:
             if key in self.slow:
                 self.slow[key].lerp_(value, 1 - decay)
                 value.copy_(self.slow[key])
+
+
+def mixed_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, partner: torch.Tensor, weight: float, smoothing: float
+) -> torch.Tensor:
+    """Mixup's loss (Zhang et al., ICLR 2018) for a batch whose images were mixed as ``weight · x + (1 − weight) ·
+    x[partner]``: ``weight · CE(logits, y) + (1 − weight) · CE(logits, y[partner])``, each label-smoothed; ``logits``
+    ``(B, C)``, ``y`` and ``partner`` ``(B,)``. A scalar (the batch mean)."""
+    loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    return weight * loss + (1 - weight) * F.cross_entropy(logits, y[partner], label_smoothing=smoothing)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +177,7 @@ def train(
     )
     lookahead = Lookahead(model)
     flip_start = torch.rand(len(x), generator=generator) < 0.5
+    mixing = torch.distributions.Beta(recipe.mixup, recipe.mixup) if recipe.mixup else None  # global RNG, seeded
     x_device, y_device = x.to(device), y.to(device)
     losses, step = [], 0
     start = time.perf_counter()
@@ -181,9 +193,17 @@ def train(
                 xb = cutout(xb, recipe.cutout, generator)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = y_device[idx.to(device)]
+            if recipe.mixup:
+                weight = float(mixing.sample())
+                partner = torch.randperm(len(idx), generator=generator).to(device)
+                xb = xb.lerp(xb[partner], 1 - weight)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(xb)
-            loss = F.cross_entropy(logits.float(), y_device[idx.to(device)], label_smoothing=recipe.label_smoothing)
+            if recipe.mixup:
+                loss = mixed_cross_entropy(logits.float(), yb, partner, weight, recipe.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -306,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", type=int, nargs="*", default=None, help="channel widths (default: the arch's)")
     parser.add_argument("--translate", type=int, default=4)
     parser.add_argument("--cutout", type=int, default=12)
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup's Beta(α, α), every model (0: none)")
     parser.add_argument("--name", default=None, help="file name of the weights and card (default: the arch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-seed", type=int, default=0)
@@ -332,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # the arguments a round-0 model must share with the run that loads it (--labelled-model)
 ROUND_ZERO_ARGUMENTS = ("arch", "widths", "epochs", "translate", "cutout", "seed", "split_seed", "labels_per_class")
-ROUND_ZERO_ARGUMENTS += ("min_steps", "no_bf16", "no_channels_last", "limit")
+ROUND_ZERO_ARGUMENTS += ("min_steps", "no_bf16", "no_channels_last", "limit", "mixup")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         min_steps=args.min_steps if args.semi else 0,
         translate=args.translate,
         cutout=args.cutout,
+        mixup=args.mixup,
     )
     (x, y), val, test = cifar10_splits(args.data_dir, seed=args.split_seed)
     if args.limit:
