@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
 from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
-from train import Recipe, accuracy, mixed_cross_entropy, pseudo_labels, train, triangle
+from train import Recipe, accuracy, mix_batch, mixed_cross_entropy, pseudo_labels, train, triangle
 from train import main as train_main
 
 
@@ -78,12 +78,24 @@ def test_mixed_cross_entropy_is_the_cross_entropy_of_the_mixed_smoothed_targets(
     assert torch.allclose(mixed_cross_entropy(logits, y, partner, 1.0, smoothing), plain)
 
 
+def test_mix_batch_matches_the_formula():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 4, 4, generator=g)
+    partner = torch.tensor([3, 0, 5, 1, 2, 4])
+    mixed = mix_batch(x, partner, 0.7)
+    for i in range(6):
+        assert torch.allclose(mixed[i], 0.7 * x[i] + 0.3 * x[partner[i]])
+
+
 def test_training_with_mixup_learns_the_training_images():
     x, y = synthetic_images(256, seed=4)
-    model = make_model("vgg", (8, 16, 16))
-    recipe = Recipe(epochs=10, batch=32, lr=0.5, whiten_bias_epochs=1, mixup=1.0)
-    result = train(model, x, y, recipe, device=torch.device("cpu"), seed=0, bf16=False)
-    assert result["losses"][-1] < 0.85 * result["losses"][0], result["losses"]
+    losses = {}
+    for alpha in (0.0, 1.0):
+        model = make_model("vgg", (8, 16, 16))
+        recipe = Recipe(epochs=10, batch=32, lr=0.5, whiten_bias_epochs=1, mixup=alpha)
+        losses[alpha] = train(model, x, y, recipe, device=torch.device("cpu"), seed=0, bf16=False)["losses"]
+    assert losses[1.0] != losses[0.0]  # mixup changed the training
+    assert losses[1.0][-1] < 0.85 * losses[1.0][0], losses[1.0]
     assert accuracy(model, x, y, torch.device("cpu"), tta=False, bf16=False) > 0.4  # chance: 0.1
 
 
@@ -203,7 +215,7 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
 
     def run(out: str, *extra: str, widths: tuple[str, ...] = ("8", "16", "16")) -> None:
         args = ["--arch", "vgg", "--widths", *widths, "--semi", "--labels-per-class", "3", "--rounds", "2"]
-        args += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300"]
+        args += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300", "--mixup", "1"]
         train_main([*args, "--data-dir", str(data), "--no-bf16", "--out", str(tmp_path / out), *extra])
 
     run("full")
@@ -233,7 +245,7 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
     with pytest.raises(ValueError, match="cutout"):
         run("x", "--labelled-model", str(base), "--cutout", "4")
     with pytest.raises(ValueError, match="mixup"):
-        run("x", "--labelled-model", str(base), "--mixup", "1")
+        run("x", "--labelled-model", str(base), "--mixup", "0")
 
 
 def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
@@ -250,3 +262,5 @@ def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
     assert card["command"].endswith("--no-bf16 --out " + str(tmp_path / "out"))  # this call's arguments
     with pytest.raises(SystemExit):
         train_main(["--data-dir", str(data), "--round-min-steps", "5"])  # without --semi
+    with pytest.raises(SystemExit):
+        train_main(["--data-dir", str(data), "--mixup", "-1"])
