@@ -99,6 +99,32 @@ def test_training_with_mixup_learns_the_training_images():
     assert accuracy(model, x, y, torch.device("cpu"), tta=False, bf16=False) > 0.4  # chance: 0.1
 
 
+def test_training_mixes_images_and_labels_with_the_same_weight_and_partner(monkeypatch):
+    import train as train_module
+
+    images, losses = [], []
+
+    def spy_mix(x, partner, weight):
+        images.append((partner.clone(), weight))
+        return mix_batch(x, partner, weight)
+
+    def spy_loss(logits, y, partner, weight, smoothing):
+        losses.append((partner.clone(), weight))
+        return mixed_cross_entropy(logits, y, partner, weight, smoothing)
+
+    monkeypatch.setattr(train_module, "mix_batch", spy_mix)
+    monkeypatch.setattr(train_module, "mixed_cross_entropy", spy_loss)
+    x, y = synthetic_images(64, seed=5)
+    recipe = Recipe(epochs=4, batch=16, lr=0.5, whiten_bias_epochs=1, mixup=0.2)
+    train(make_model("vgg", (8, 16, 16)), x, y, recipe, device=torch.device("cpu"), seed=0, bf16=False)
+    assert len(images) == len(losses) == 16
+    for (p1, w1), (p2, w2) in zip(images, losses, strict=True):
+        assert torch.equal(p1, p2) and w1 == w2 and 0 <= w1 <= 1
+        assert sorted(p1.tolist()) == list(range(16))  # a permutation of the batch
+    # Beta(0.2, 0.2) puts 2/3 of its mass within 0.1 of 0 or 1 (a uniform draw 1/5): 8 of 16 tells them apart
+    assert sum(min(w, 1 - w) < 0.1 for _, w in images) >= 8
+
+
 def test_tanh_variant_bounds_the_features():
     model = make_model("vgg-tanh").eval()
     with torch.no_grad():
@@ -201,7 +227,8 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
         assert (out / f"{card['name']}.safetensors").exists()
 
 
-def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
+@pytest.mark.parametrize("mixup", ["0", "1"])
+def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path, mixup):
     """``--labelled-model`` reuses an earlier run's labelled-only model: the rounds after it, their pseudo-labels and
     the final weights are those of the full run, and its seconds count; a semi-supervised card, or a round 0 of
     other arguments, is refused; every round trains at least ``--round-min-steps`` steps."""
@@ -215,7 +242,7 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
 
     def run(out: str, *extra: str, widths: tuple[str, ...] = ("8", "16", "16")) -> None:
         args = ["--arch", "vgg", "--widths", *widths, "--semi", "--labels-per-class", "3", "--rounds", "2"]
-        args += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300", "--mixup", "1"]
+        args += ["--epochs", "1", "--min-steps", "2", "--round-min-steps", "5", "--limit", "300", "--mixup", mixup]
         train_main([*args, "--data-dir", str(data), "--no-bf16", "--out", str(tmp_path / out), *extra])
 
     run("full")
@@ -245,7 +272,7 @@ def test_semi_run_from_a_saved_round_zero_equals_the_full_run(tmp_path):
     with pytest.raises(ValueError, match="cutout"):
         run("x", "--labelled-model", str(base), "--cutout", "4")
     with pytest.raises(ValueError, match="mixup"):
-        run("x", "--labelled-model", str(base), "--mixup", "0")
+        run("x", "--labelled-model", str(base), "--mixup", "0.5")
 
 
 def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
