@@ -289,5 +289,6 @@ def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
     assert card["command"].endswith("--no-bf16 --out " + str(tmp_path / "out"))  # this call's arguments
     with pytest.raises(SystemExit):
         train_main(["--data-dir", str(data), "--round-min-steps", "5"])  # without --semi
-    with pytest.raises(SystemExit):
-        train_main(["--data-dir", str(data), "--mixup", "-1"])
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            train_main(["--data-dir", str(data), "--mixup", bad])

@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--labelled-model and --round-min-steps need --semi")
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
-    if args.mixup < 0:
-        parser.error("--mixup must be >= 0 (0: no mixup)")
+    if not math.isfinite(args.mixup) or args.mixup < 0:
+        parser.error("--mixup must be a finite number >= 0 (0: no mixup)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
