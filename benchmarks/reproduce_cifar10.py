@@ -576,7 +576,7 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
     for run in runs:
         result, info = run["result"], run["info"]
         name = run["name"]
-        semi = describe_training(info)
+        semi = describe_training(info) + describe_test_time_augmentation(info)
         lines += [
             f"## {name}",
             "",
@@ -635,6 +635,18 @@ def describe_training(info: dict) -> str:
     if info.get("semi"):
         return f", semi-supervised ({info['labels_per_class']} labels per class)"
     return ""
+
+
+def describe_test_time_augmentation(info: dict) -> str:
+    """The card's test accuracies of one view and of the test-time averages, where the card has the
+    flip-and-translate figure (``tta_study.py`` or a ``train.py`` card); the detector always sees one view."""
+    if "test_accuracy_flip_translate_tta" not in info:
+        return ""
+    return (
+        f"; its card: {100 * info['test_accuracy']:.2f}% test with one view (what the detector sees), "
+        f"{100 * info['test_accuracy_flip_tta']:.2f}% flip-averaged, "
+        f"{100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged"
+    )
 
 
 def _cell(mark: str, text: str) -> str:

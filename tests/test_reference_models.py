@@ -14,8 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
 from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
-from train import Recipe, accuracy, mix_batch, mixed_cross_entropy, pseudo_labels, train, triangle
+from train import Recipe, accuracy, mix_batch, mixed_cross_entropy, predict, pseudo_labels, train, triangle
 from train import main as train_main
+from tta_study import main as tta_study_main
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +126,25 @@ def test_training_mixes_images_and_labels_with_the_same_weight_and_partner(monke
     assert sum(min(w, 1 - w) < 0.1 for _, w in images) >= 8
 
 
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_training_on_one_hot_probabilities_equals_training_on_class_indices(mixup):
+    """``train`` takes soft targets ``(N, C)``; one-hot ones must give the model that the indices give (the label
+    smoothing and mixup's weights applied alike)."""
+    x, y = synthetic_images(64)
+    recipe = Recipe(epochs=5, batch=32, lr=0.5, whiten_bias_epochs=1, mixup=mixup)  # lookahead every 5 steps
+    models = []
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    for targets in (y, one_hot, 0.5 * one_hot + 0.05):  # the last: soft, its argmax the same labels
+        torch.manual_seed(0)
+        model = make_model("vgg", (8, 16, 16))
+        train(model, x, targets, recipe, device=torch.device("cpu"), seed=0, bf16=False, channels_last=False)
+        models.append(model)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    differences = [(a - b).abs().max() for a, b in zip(models[0].parameters(), models[2].parameters(), strict=True)]
+    assert max(differences) > 1e-2  # soft targets are not their argmax
+
+
 def test_tanh_variant_bounds_the_features():
     model = make_model("vgg-tanh").eval()
     with torch.no_grad():
@@ -160,6 +180,76 @@ def test_translate_and_flip_matches_a_brute_force_crop():
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
 
 
+def test_flip_and_translate_tta_matches_a_brute_force_average_of_six_views():
+    """A model that sees every pixel (no translation invariance): the flip-and-translate average equals, per image,
+    ½ · mean(image, mirror) + ¼ · mean over the one-pixel shifts (numpy reflect padding) of the same, before the
+    softmax; plain and flip-only are checked the same way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    got = {
+        "plain": predict(model, x, cpu, tta=False, bf16=False, batch=3),
+        "flip": predict(model, x, cpu, tta=True, bf16=False, batch=3),
+        "flip+translate": predict(model, x, cpu, tta=True, bf16=False, translate=True, batch=3),
+    }
+    weight, bias = (p.detach().double().numpy() for p in model[1].parameters())
+    for i, image in enumerate(x.double().numpy() / 255):
+
+        def logits(view):
+            return weight @ view.reshape(-1) + bias
+
+        def mirrored(view):
+            return (logits(view) + logits(view[:, :, ::-1])) / 2
+
+        padded = np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="reflect")
+        shifted = (mirrored(padded[:, :32, :32]) + mirrored(padded[:, 2:, 2:])) / 2
+        expected = {
+            "plain": logits(image),
+            "flip": mirrored(image),
+            "flip+translate": mirrored(image) / 2 + shifted / 2,
+        }
+        for view, value in expected.items():
+            probabilities = np.exp(value - value.max()) / np.exp(value - value.max()).sum()
+            np.testing.assert_allclose(got[view][i].numpy(), probabilities, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got["flip"], got["flip+translate"])
+    with pytest.raises(ValueError, match="translate=True needs tta=True"):
+        predict(model, x, cpu, tta=False, bf16=False, translate=True)
+
+
+def fake_cifar_folder(folder: Path, n: int = 5600) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folder with ``cifar10_train.npz`` (``n`` synthetic images sorted by class, like the real file) and
+    ``cifar10_test.npz`` (the first 200); returns the test images and labels."""
+    x, y = synthetic_images(n, seed=1)
+    folder.mkdir()
+    order = torch.argsort(y, stable=True)
+    np.savez(folder / "cifar10_train.npz", x=x[order].permute(0, 2, 3, 1).numpy(), y=y[order].numpy())
+    np.savez(folder / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
+    return x[:200], y[:200]
+
+
+def test_tta_study_writes_the_flip_and_translate_accuracy_into_the_card(tmp_path, capsys):
+    x_test, y_test = fake_cifar_folder(tmp_path / "data")
+    from train import save
+
+    torch.manual_seed(0)
+    model = make_model("vgg", (8, 16, 16))
+    model.init_whitening(x_test.float() / 255)
+    save(model, {"name": "tiny", "arch": "vgg", "widths": [8, 16, 16], "test_accuracy": 0.5}, tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--no-bf16", "--write-cards"])
+    card = json.loads((tmp_path / "tiny.json").read_text())
+    loaded = load_reference_model(weights)
+    cpu = torch.device("cpu")
+    expected = accuracy(loaded, x_test, y_test, cpu, tta=True, bf16=False, translate=True)
+    assert card["test_accuracy_flip_translate_tta"] == round(expected, 4)
+    assert card["test_accuracy"] == 0.5  # the training figures stay
+    assert card["flip_translate_tta_measured"]["command"].endswith("--no-bf16 --write-cards")
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["test plain"] == round(100 * accuracy(loaded, x_test, y_test, cpu, tta=False, bf16=False), 2)
+    assert set(row) == {"model"} | {f"{s} {v}" for s in ("val", "test") for v in ("plain", "flip", "flip+translate")}
+
+
 def test_triangle_schedule_shape():
     total = 100
     values = [triangle(s, total) for s in range(total + 1)]
@@ -187,12 +277,8 @@ def test_pseudo_labels_keep_the_most_confident_fraction_of_each_predicted_class(
 def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     """``--semi`` on a fake CIFAR folder: the labelled-only baseline and the curriculum-labelled model, each with
     a card; the split keeps 5,000 validation images stratified by class."""
-    x, y = synthetic_images(5600, seed=1)
     data = tmp_path / "data"
-    data.mkdir()
-    order = torch.argsort(y, stable=True)  # sorted by class, like the real file
-    np.savez(data / "cifar10_train.npz", x=x[order].permute(0, 2, 3, 1).numpy(), y=y[order].numpy())
-    np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
+    fake_cifar_folder(data)
     (_, y_tr), (_, y_va), _ = cifar10_splits(data)
     assert len(y_va) == 5000 and torch.bincount(y_va).tolist() == [500] * 10 and len(y_tr) == 600
     out = tmp_path / "weights"
@@ -224,6 +310,7 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     assert [r["pseudo_labelled"] for r in semi["rounds"]] == [pytest.approx(135, abs=10), 270]
     for card in (base, semi):
         assert 0 <= card["test_accuracy"] <= 1 and card["command"].startswith("python")
+        assert 0 <= card["test_accuracy_flip_translate_tta"] <= 1
         assert (out / f"{card['name']}.safetensors").exists()
 
 

@@ -109,3 +109,13 @@ def test_semi_supervised_model_is_described_with_its_labelled_only_baseline():
     )
     del info["labelled_only"]  # older cards: no baseline claimed
     assert page.describe_training(info) == ", curriculum labelling (1000 labelled images, the rest unlabelled)"
+
+
+def test_test_time_augmentation_is_described_only_where_the_card_has_it():
+    info = {"test_accuracy": 0.9011, "test_accuracy_flip_tta": 0.9089, "test_accuracy_flip_translate_tta": 0.9112}
+    assert page.describe_test_time_augmentation(info) == (
+        "; its card: 90.11% test with one view (what the detector sees), 90.89% flip-averaged, "
+        "91.12% flip-and-translate-averaged"
+    )
+    del info["test_accuracy_flip_translate_tta"]
+    assert page.describe_test_time_augmentation(info) == ""

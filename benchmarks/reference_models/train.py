@@ -29,7 +29,7 @@ images at 10 epochs is otherwise under 100 steps); ``--labelled-model`` takes ro
 same arguments instead of training it again (checked against them; its wall time counts in the card).
 
 Every model is written as ``<name>.safetensors`` with a JSON card (data, split, recipe, device, wall time,
-images/s, validation and untouched test accuracy, the command).
+images/s, validation and untouched test accuracy: plain, flip-averaged, flip- and translate-averaged; the command).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def mixed_cross_entropy(
 ) -> torch.Tensor:
     """Mixup's loss (Zhang et al., ICLR 2018) for a batch whose images were mixed as ``weight · x + (1 − weight) ·
     x[partner]``: ``weight · CE(logits, y) + (1 − weight) · CE(logits, y[partner])``, each label-smoothed; ``logits``
-    ``(B, C)``, ``y`` and ``partner`` ``(B,)``. A scalar (the batch mean)."""
+    ``(B, C)``, ``y`` class indices ``(B,)`` or class probabilities ``(B, C)``, ``partner`` ``(B,)``. A scalar (the
+    batch mean)."""
     loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
     return weight * loss + (1 - weight) * F.cross_entropy(logits, y[partner], label_smoothing=smoothing)
 
@@ -113,24 +114,42 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def predict(
-    model: torch.nn.Module, x: torch.Tensor, device: torch.device, *, tta: bool, bf16: bool, batch: int = 2000
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    *,
+    tta: bool,
+    bf16: bool,
+    translate: bool = False,
+    batch: int = 2000,
 ) -> torch.Tensor:
     """Softmax probabilities ``(N, 10)`` (float32, CPU) for uint8 images ``(N, 3, 32, 32)``; ``tta`` averages the
-    logits of each image and its mirror image."""
+    logits of each image and its mirror image; ``translate`` (with ``tta``) averages those, half and half, with the
+    mean of the same flip-averaged logits for the image shifted by one pixel up-left and by one down-right (reflect
+    padding) — the test-time augmentation of the airbench speed runs (Jordan, 2024)."""
+    if translate and not tta:
+        raise ValueError("translate=True needs tta=True")
     model.eval()
     out = []
+
+    def mirrored(images: torch.Tensor) -> torch.Tensor:
+        return (model(images).float() + model(images.flip(-1)).float()) / 2
+
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x), batch):
             xb = to_float(x[i : i + batch].to(device))
-            logits = model(xb).float()
-            if tta:
-                logits = (logits + model(xb.flip(-1)).float()) / 2
+            logits = mirrored(xb) if tta else model(xb).float()
+            if translate:
+                padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
+                h, w = xb.shape[-2:]
+                shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+                logits = (logits + shifted) / 2
             out.append(torch.softmax(logits, 1).cpu())
     return torch.cat(out)
 
 
-def accuracy(model, x, y, device, *, tta: bool, bf16: bool) -> float:
-    return float((predict(model, x, device, tta=tta, bf16=bf16).argmax(1) == y).float().mean())
+def accuracy(model, x, y, device, *, tta: bool, bf16: bool, translate: bool = False) -> float:
+    return float((predict(model, x, device, tta=tta, bf16=bf16, translate=translate).argmax(1) == y).float().mean())
 
 
 def train(
@@ -147,7 +166,8 @@ def train(
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     eval_every: int = 0,
 ) -> dict:
-    """Train ``model`` in place on uint8 images ``x`` ``(N, 3, 32, 32)`` and labels ``y`` ``(N,)``.
+    """Train ``model`` in place on uint8 images ``x`` ``(N, 3, 32, 32)`` and labels ``y``: class indices ``(N,)`` or
+    class probabilities ``(N, C)`` (soft targets, label-smoothed like the indices).
 
     Returns ``{"seconds", "images_per_second", "steps", "epochs", "losses"}`` (losses: mean per epoch). Every draw
     is seeded by ``seed``: the augmentations' from a generator, mixup's weights from the global generator.
@@ -276,6 +296,9 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "val_accuracy": round(val_acc, 4),
         "test_accuracy": round(accuracy(model, *test, device, tta=False, bf16=bf16), 4),
         "test_accuracy_flip_tta": round(accuracy(model, *test, device, tta=True, bf16=bf16), 4),
+        "test_accuracy_flip_translate_tta": round(
+            accuracy(model, *test, device, tta=True, bf16=bf16, translate=True), 4
+        ),
         "command": args.command,
     }
 
