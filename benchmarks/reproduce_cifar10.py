@@ -639,13 +639,25 @@ def describe_training(info: dict) -> str:
 
 def describe_test_time_augmentation(info: dict) -> str:
     """The card's test accuracies of one view and of the test-time averages, where the card has the
-    flip-and-translate figure (``tta_study.py`` or a ``train.py`` card); the detector always sees one view."""
+    flip-and-translate figure, with the device that measured each (``tta_study.py`` may have measured it elsewhere
+    than the training run); the detector always sees one view."""
     if "test_accuracy_flip_translate_tta" not in info:
         return ""
-    return (
-        f"; its card: {100 * info['test_accuracy']:.2f}% test with one view (what the detector sees), "
-        f"{100 * info['test_accuracy_flip_tta']:.2f}% flip-averaged, "
-        f"{100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged"
+    trained_on = f"{info['device']}{', bf16 autocast' if info.get('bf16_autocast') else ''}"
+    text = (
+        f"; test accuracy on its card: {100 * info['test_accuracy']:.2f}% with one view (what the detector sees), "
+        f"{100 * info['test_accuracy_flip_tta']:.2f}% flip-averaged ({trained_on}), "
+    )
+    if study := info.get("tta_study"):
+        measured_on = f"{study['device']}{', bf16 autocast' if study['bf16_autocast'] else ''}"
+        views = study["test_accuracy"]
+        return text + (
+            f"{100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged ({measured_on}: "
+            f"{100 * views['plain']:.2f} / {100 * views['flip']:.2f} / {100 * views['flip+translate']:.2f}% "
+            "one view / flip / flip and translate; view chosen on validation)"
+        )
+    return text[: -len(f" ({trained_on}), ")] + (
+        f", {100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged ({trained_on})"
     )
 
 

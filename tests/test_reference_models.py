@@ -228,26 +228,68 @@ def fake_cifar_folder(folder: Path, n: int = 5600) -> tuple[torch.Tensor, torch.
     return x[:200], y[:200]
 
 
-def test_tta_study_writes_the_flip_and_translate_accuracy_into_the_card(tmp_path, capsys):
-    x_test, y_test = fake_cifar_folder(tmp_path / "data")
+def tiny_saved_model(folder: Path, images: torch.Tensor) -> Path:
     from train import save
 
     torch.manual_seed(0)
     model = make_model("vgg", (8, 16, 16))
-    model.init_whitening(x_test.float() / 255)
-    save(model, {"name": "tiny", "arch": "vgg", "widths": [8, 16, 16], "test_accuracy": 0.5}, tmp_path)
-    weights = tmp_path / "tiny.safetensors"
+    model.init_whitening(images.float() / 255)
+    save(model, {"name": "tiny", "arch": "vgg", "widths": [8, 16, 16], "test_accuracy": 0.5}, folder)
+    return folder / "tiny.safetensors"
+
+
+def test_tta_study_writes_every_view_into_the_card(tmp_path):
+    x_test, y_test = fake_cifar_folder(tmp_path / "data")
+    weights = tiny_saved_model(tmp_path, x_test)
     tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--no-bf16", "--write-cards"])
     card = json.loads((tmp_path / "tiny.json").read_text())
-    loaded = load_reference_model(weights)
-    cpu = torch.device("cpu")
-    expected = accuracy(loaded, x_test, y_test, cpu, tta=True, bf16=False, translate=True)
-    assert card["test_accuracy_flip_translate_tta"] == round(expected, 4)
+    loaded, cpu = load_reference_model(weights), torch.device("cpu")
+    _, (x_val, y_val), _ = cifar10_splits(tmp_path / "data")
+    views = {"plain": dict(tta=False), "flip": dict(tta=True), "flip+translate": dict(tta=True, translate=True)}
+    for split, (x, y) in (("val", (x_val, y_val)), ("test", (x_test, y_test))):
+        expected = {view: round(accuracy(loaded, x, y, cpu, bf16=False, **o), 4) for view, o in views.items()}
+        assert card["tta_study"][f"{split}_accuracy"] == expected
     assert card["test_accuracy"] == 0.5  # the training figures stay
-    assert card["flip_translate_tta_measured"]["command"].endswith("--no-bf16 --write-cards")
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["test plain"] == round(100 * accuracy(loaded, x_test, y_test, cpu, tta=False, bf16=False), 2)
-    assert set(row) == {"model"} | {f"{s} {v}" for s in ("val", "test") for v in ("plain", "flip", "flip+translate")}
+    assert card["tta_study"]["command"].endswith("--no-bf16 --write-cards") and card["tta_study"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("best_on_validation", ["flip", "flip+translate"])
+def test_tta_study_chooses_the_view_on_validation_and_writes_only_its_test_figure(
+    tmp_path, monkeypatch, best_on_validation
+):
+    """A spy ``accuracy``: validation (5,000 images) favours one view, test (200) favours another; the choice
+    follows validation, and the card's top-level figure is the test accuracy of flip and translate only when
+    that view was chosen."""
+    import tta_study
+
+    x_test, _ = fake_cifar_folder(tmp_path / "data")
+    weights = tiny_saved_model(tmp_path, x_test)
+
+    def spy(model, x, y, device, *, tta, bf16, translate=False):
+        view = "flip+translate" if translate else "flip" if tta else "plain"
+        if len(y) == 5000:
+            return 0.9 if view == best_on_validation else 0.8
+        return {"plain": 0.95, "flip": 0.6, "flip+translate": 0.7}[view]
+
+    monkeypatch.setattr(tta_study, "accuracy", spy)
+    tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--write-cards"])
+    card = json.loads((tmp_path / "tiny.json").read_text())
+    assert card["tta_study"]["chosen_on_validation"] == best_on_validation
+    assert card["tta_study"]["test_accuracy"] == {"plain": 0.95, "flip": 0.6, "flip+translate": 0.7}
+    if best_on_validation == "flip+translate":
+        assert card["test_accuracy_flip_translate_tta"] == 0.7
+    else:
+        assert "test_accuracy_flip_translate_tta" not in card
+
+
+def test_tta_study_refuses_to_overwrite_a_figure_from_training(tmp_path):
+    x_test, _ = fake_cifar_folder(tmp_path / "data")
+    weights = tiny_saved_model(tmp_path, x_test)
+    card = json.loads((tmp_path / "tiny.json").read_text())
+    (tmp_path / "tiny.json").write_text(json.dumps({**card, "test_accuracy_flip_translate_tta": 0.3}))
+    with pytest.raises(SystemExit, match="from training"):
+        tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--write-cards"])
+    assert json.loads((tmp_path / "tiny.json").read_text())["test_accuracy_flip_translate_tta"] == 0.3
 
 
 def test_triangle_schedule_shape():
@@ -278,7 +320,7 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     """``--semi`` on a fake CIFAR folder: the labelled-only baseline and the curriculum-labelled model, each with
     a card; the split keeps 5,000 validation images stratified by class."""
     data = tmp_path / "data"
-    fake_cifar_folder(data)
+    x_test, y_test = fake_cifar_folder(data)
     (_, y_tr), (_, y_va), _ = cifar10_splits(data)
     assert len(y_va) == 5000 and torch.bincount(y_va).tolist() == [500] * 10 and len(y_tr) == 600
     out = tmp_path / "weights"
@@ -310,7 +352,10 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     assert [r["pseudo_labelled"] for r in semi["rounds"]] == [pytest.approx(135, abs=10), 270]
     for card in (base, semi):
         assert 0 <= card["test_accuracy"] <= 1 and card["command"].startswith("python")
-        assert 0 <= card["test_accuracy_flip_translate_tta"] <= 1
+        loaded = load_reference_model(out / f"{card['name']}.safetensors")  # --limit keeps all 200 test images
+        expected = accuracy(loaded, x_test, y_test, torch.device("cpu"), tta=True, bf16=False, translate=True)
+        assert card["test_accuracy_flip_translate_tta"] == round(expected, 4)
+        assert 0 <= card["val_accuracy_flip_tta"] <= 1 and 0 <= card["val_accuracy_flip_translate_tta"] <= 1
         assert (out / f"{card['name']}.safetensors").exists()
 
 

@@ -112,10 +112,26 @@ def test_semi_supervised_model_is_described_with_its_labelled_only_baseline():
 
 
 def test_test_time_augmentation_is_described_only_where_the_card_has_it():
-    info = {"test_accuracy": 0.9011, "test_accuracy_flip_tta": 0.9089, "test_accuracy_flip_translate_tta": 0.9112}
+    info = {
+        "device": "NVIDIA H200",
+        "bf16_autocast": True,
+        "test_accuracy": 0.9011,
+        "test_accuracy_flip_tta": 0.9089,
+        "test_accuracy_flip_translate_tta": 0.9112,
+    }
     assert page.describe_test_time_augmentation(info) == (
-        "; its card: 90.11% test with one view (what the detector sees), 90.89% flip-averaged, "
-        "91.12% flip-and-translate-averaged"
+        "; test accuracy on its card: 90.11% with one view (what the detector sees), 90.89% flip-averaged, "
+        "91.12% flip-and-translate-averaged (NVIDIA H200, bf16 autocast)"
+    )
+    info["tta_study"] = {
+        "device": "cpu",
+        "bf16_autocast": True,
+        "test_accuracy": {"plain": 0.901, "flip": 0.909, "flip+translate": 0.9112},
+    }
+    assert page.describe_test_time_augmentation(info) == (
+        "; test accuracy on its card: 90.11% with one view (what the detector sees), 90.89% flip-averaged "
+        "(NVIDIA H200, bf16 autocast), 91.12% flip-and-translate-averaged (cpu, bf16 autocast: 90.10 / 90.90 / "
+        "91.12% one view / flip / flip and translate; view chosen on validation)"
     )
     del info["test_accuracy_flip_translate_tta"]
     assert page.describe_test_time_augmentation(info) == ""

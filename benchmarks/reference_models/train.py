@@ -149,6 +149,7 @@ def predict(
 
 
 def accuracy(model, x, y, device, *, tta: bool, bf16: bool, translate: bool = False) -> float:
+    """Fraction of uint8 images ``x`` ``(N, 3, 32, 32)`` whose predicted class (``predict``'s views) is ``y``."""
     return float((predict(model, x, device, tta=tta, bf16=bf16, translate=translate).argmax(1) == y).float().mean())
 
 
@@ -294,6 +295,8 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "python": platform.python_version(),
         **result,
         "val_accuracy": round(val_acc, 4),
+        "val_accuracy_flip_tta": round(accuracy(model, *val, device, tta=True, bf16=bf16), 4),
+        "val_accuracy_flip_translate_tta": round(accuracy(model, *val, device, tta=True, bf16=bf16, translate=True), 4),
         "test_accuracy": round(accuracy(model, *test, device, tta=False, bf16=bf16), 4),
         "test_accuracy_flip_tta": round(accuracy(model, *test, device, tta=True, bf16=bf16), 4),
         "test_accuracy_flip_translate_tta": round(

@@ -3,12 +3,13 @@
     python benchmarks/reference_models/tta_study.py --data-dir ../shared/data \\
         benchmarks/reference_models/weights/{resnet9,vgg,vgg-tanh}.safetensors [--write-cards]
 
-For each model: validation and test accuracy of the plain forward, the flip average and the flip-and-translate
-average (``train.predict``; the airbench speed runs' test-time augmentation). The validation columns are the
-ones the choice may look at; the test columns are reported. ``--write-cards`` adds the test accuracy of the
-flip-and-translate average to each model's JSON card as ``test_accuracy_flip_translate_tta``, with
-``flip_translate_tta_measured`` (this command, device, torch) — cards written by ``train.py`` since this script
-carry the field from training already.
+Three views (``train.predict``): the plain forward, the flip average, and the flip-and-translate average (the
+airbench speed runs' test-time augmentation). First every model's validation accuracy of every view; the view
+with the best mean validation accuracy over the models is chosen (ties go to the cheaper view); only then the
+test accuracies, printed for every view (reported, not used to choose). ``--write-cards`` writes all these
+figures into each model's JSON card under ``tta_study`` (with the command, device and torch that measured them)
+and, when the chosen view is flip-and-translate, its test figure as ``test_accuracy_flip_translate_tta`` — the
+field ``train.py`` cards carry from training; a card whose field came from training is refused.
 """
 
 from __future__ import annotations
@@ -40,25 +41,40 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/reference_models/tta_study.py", *argv])
     device, bf16 = torch.device(args.device), not args.no_bf16
+    paths = [Path(p) for p in args.models]
+    cards = {path: json.loads(path.with_suffix(".json").read_text()) for path in paths}
+    if args.write_cards:
+        trained = [p.name for p, c in cards.items() if "test_accuracy_flip_translate_tta" in c and "tta_study" not in c]
+        if trained:
+            raise SystemExit(f"{trained}: the card has the flip-and-translate figure from training; not overwritten")
     _, val, test = cifar10_splits(args.data_dir)
-    for path in map(Path, args.models):
-        model = load_reference_model(path).to(device)
-        row = {"model": path.stem}
-        for split, (x, y) in (("val", val), ("test", test)):
-            for view, options in VIEWS.items():
-                row[f"{split} {view}"] = round(100 * accuracy(model, x, y, device, bf16=bf16, **options), 2)
-        print(json.dumps(row), flush=True)
+    models = {path: load_reference_model(path).to(device) for path in paths}
+
+    def accuracies(split: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
+        return {view: round(accuracy(model, *split, device, bf16=bf16, **o), 4) for view, o in VIEWS.items()}
+
+    val_accuracy = {path: accuracies(val, model) for path, model in models.items()}
+    mean = {view: sum(v[view] for v in val_accuracy.values()) / len(paths) for view in VIEWS}
+    chosen = max(VIEWS, key=lambda view: (mean[view], -list(VIEWS).index(view)))
+    print(json.dumps({"chosen_on_validation": chosen, "mean_val_accuracy": mean}), flush=True)
+    for path, model in models.items():
+        test_accuracy = accuracies(test, model)
+        record = {
+            "val_accuracy": val_accuracy[path],
+            "test_accuracy": test_accuracy,
+            "chosen_on_validation": chosen,
+            "command": command,
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "bf16_autocast": bf16,
+            "torch": torch.__version__,
+        }
+        print(json.dumps({"model": path.stem, "val": val_accuracy[path], "test": test_accuracy}), flush=True)
         if args.write_cards:
-            card_path = path.with_suffix(".json")
-            card = json.loads(card_path.read_text())
-            card["test_accuracy_flip_translate_tta"] = round(row["test flip+translate"] / 100, 4)
-            card["flip_translate_tta_measured"] = {
-                "command": command,
-                "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                "bf16_autocast": bf16,
-                "torch": torch.__version__,
-            }
-            card_path.write_text(json.dumps(card, indent=2) + "\n")
+            card = {k: v for k, v in cards[path].items() if k != "test_accuracy_flip_translate_tta"}
+            card["tta_study"] = record
+            if chosen == "flip+translate":
+                card["test_accuracy_flip_translate_tta"] = test_accuracy[chosen]
+            path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":
