@@ -644,21 +644,20 @@ def describe_test_time_augmentation(info: dict) -> str:
     if "test_accuracy_flip_translate_tta" not in info:
         return ""
     trained_on = f"{info['device']}{', bf16 autocast' if info.get('bf16_autocast') else ''}"
-    text = (
+    one_view = (
         f"; test accuracy on its card: {100 * info['test_accuracy']:.2f}% with one view (what the detector sees), "
-        f"{100 * info['test_accuracy_flip_tta']:.2f}% flip-averaged ({trained_on}), "
+        f"{100 * info['test_accuracy_flip_tta']:.2f}% flip-averaged"
     )
+    translated = f"{100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged"
     if study := info.get("tta_study"):
         measured_on = f"{study['device']}{', bf16 autocast' if study['bf16_autocast'] else ''}"
         views = study["test_accuracy"]
-        return text + (
-            f"{100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged ({measured_on}: "
-            f"{100 * views['plain']:.2f} / {100 * views['flip']:.2f} / {100 * views['flip+translate']:.2f}% "
-            "one view / flip / flip and translate; view chosen on validation)"
+        return (
+            f"{one_view} ({trained_on}), {translated} ({measured_on}: {100 * views['plain']:.2f} / "
+            f"{100 * views['flip']:.2f} / {100 * views['flip+translate']:.2f}% one view / flip / flip and translate; "
+            "view chosen on validation)"
         )
-    return text[: -len(f" ({trained_on}), ")] + (
-        f", {100 * info['test_accuracy_flip_translate_tta']:.2f}% flip-and-translate-averaged ({trained_on})"
-    )
+    return f"{one_view}, {translated} ({trained_on})"
 
 
 def _cell(mark: str, text: str) -> str:

@@ -253,11 +253,11 @@ def test_tta_study_writes_every_view_into_the_card(tmp_path):
     assert card["tta_study"]["command"].endswith("--no-bf16 --write-cards") and card["tta_study"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("best_on_validation", ["flip", "flip+translate"])
+@pytest.mark.parametrize("best_on_validation", ["flip", "flip+translate", "tie"])
 def test_tta_study_chooses_the_view_on_validation_and_writes_only_its_test_figure(
     tmp_path, monkeypatch, best_on_validation
 ):
-    """A spy ``accuracy``: validation (5,000 images) favours one view, test (200) favours another; the choice
+    """A spy ``view_accuracies``: validation (5,000 images) favours one view, test (200) favours another; the choice
     follows validation, and the card's top-level figure is the test accuracy of flip and translate only when
     that view was chosen."""
     import tta_study
@@ -265,16 +265,15 @@ def test_tta_study_chooses_the_view_on_validation_and_writes_only_its_test_figur
     x_test, _ = fake_cifar_folder(tmp_path / "data")
     weights = tiny_saved_model(tmp_path, x_test)
 
-    def spy(model, x, y, device, *, tta, bf16, translate=False):
-        view = "flip+translate" if translate else "flip" if tta else "plain"
+    def spy(model, x, y, device, *, bf16):
         if len(y) == 5000:
-            return 0.9 if view == best_on_validation else 0.8
-        return {"plain": 0.95, "flip": 0.6, "flip+translate": 0.7}[view]
+            return {view: 0.9 if view in (best_on_validation, "tie") else 0.8 for view in tta_study.VIEWS}
+        return {"plain": 0.95, "flip": 0.6, "flip+translate": 0.7}
 
-    monkeypatch.setattr(tta_study, "accuracy", spy)
+    monkeypatch.setattr(tta_study, "view_accuracies", spy)
     tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--write-cards"])
     card = json.loads((tmp_path / "tiny.json").read_text())
-    assert card["tta_study"]["chosen_on_validation"] == best_on_validation
+    assert card["tta_study"]["chosen_on_validation"] == best_on_validation.replace("tie", "plain")  # the cheapest
     assert card["tta_study"]["test_accuracy"] == {"plain": 0.95, "flip": 0.6, "flip+translate": 0.7}
     if best_on_validation == "flip+translate":
         assert card["test_accuracy_flip_translate_tta"] == 0.7
@@ -286,7 +285,8 @@ def test_tta_study_refuses_to_overwrite_a_figure_from_training(tmp_path):
     x_test, _ = fake_cifar_folder(tmp_path / "data")
     weights = tiny_saved_model(tmp_path, x_test)
     card = json.loads((tmp_path / "tiny.json").read_text())
-    (tmp_path / "tiny.json").write_text(json.dumps({**card, "test_accuracy_flip_translate_tta": 0.3}))
+    figures = {"val_accuracy_flip_translate_tta": 0.4, "test_accuracy_flip_translate_tta": 0.3}  # as train.py writes
+    (tmp_path / "tiny.json").write_text(json.dumps({**card, **figures}))
     with pytest.raises(SystemExit, match="from training"):
         tta_study_main([str(weights), "--data-dir", str(tmp_path / "data"), "--write-cards"])
     assert json.loads((tmp_path / "tiny.json").read_text())["test_accuracy_flip_translate_tta"] == 0.3

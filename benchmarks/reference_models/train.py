@@ -113,6 +113,23 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
+def test_time_views(model: torch.nn.Module, images: torch.Tensor, *, translate: bool = True) -> dict[str, torch.Tensor]:
+    """Float logits ``(N, C)`` of float images ``(N, 3, H, W)`` under the test-time views: ``"plain"`` (one
+    forward), ``"flip"`` (mean with the mirror image) and, with ``translate``, ``"flip+translate"`` — the flip
+    view, half and half with the mean flip view of the image shifted by one pixel up-left and by one down-right
+    (reflect padding): the airbench speed runs' test-time augmentation (Jordan, 2024), six forwards in all."""
+    plain = model(images).float()
+    views = {"plain": plain, "flip": (plain + model(images.flip(-1)).float()) / 2}
+    if translate:
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        h, w = images.shape[-2:]
+        shifted = [
+            test_time_views(model, view, translate=False)["flip"] for view in (padded[..., :h, :w], padded[..., 2:, 2:])
+        ]
+        views["flip+translate"] = (views["flip"] + (shifted[0] + shifted[1]) / 2) / 2
+    return views
+
+
 def predict(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -123,27 +140,17 @@ def predict(
     translate: bool = False,
     batch: int = 2000,
 ) -> torch.Tensor:
-    """Softmax probabilities ``(N, 10)`` (float32, CPU) for uint8 images ``(N, 3, 32, 32)``; ``tta`` averages the
-    logits of each image and its mirror image; ``translate`` (with ``tta``) averages those, half and half, with the
-    mean of the same flip-averaged logits for the image shifted by one pixel up-left and by one down-right (reflect
-    padding) — the test-time augmentation of the airbench speed runs (Jordan, 2024)."""
+    """Softmax probabilities ``(N, 10)`` (float32, CPU) for uint8 images ``(N, 3, 32, 32)`` under one view of
+    ``test_time_views``: ``tta`` the flip view, ``translate`` (with ``tta``) the flip-and-translate view."""
     if translate and not tta:
         raise ValueError("translate=True needs tta=True")
     model.eval()
+    view = "flip+translate" if translate else "flip" if tta else "plain"
     out = []
-
-    def mirrored(images: torch.Tensor) -> torch.Tensor:
-        return (model(images).float() + model(images.flip(-1)).float()) / 2
-
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x), batch):
             xb = to_float(x[i : i + batch].to(device))
-            logits = mirrored(xb) if tta else model(xb).float()
-            if translate:
-                padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
-                h, w = xb.shape[-2:]
-                shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
-                logits = (logits + shifted) / 2
+            logits = test_time_views(model, xb, translate=translate)[view] if tta else model(xb).float()
             out.append(torch.softmax(logits, 1).cpu())
     return torch.cat(out)
 
@@ -151,6 +158,22 @@ def predict(
 def accuracy(model, x, y, device, *, tta: bool, bf16: bool, translate: bool = False) -> float:
     """Fraction of uint8 images ``x`` ``(N, 3, 32, 32)`` whose predicted class (``predict``'s views) is ``y``."""
     return float((predict(model, x, device, tta=tta, bf16=bf16, translate=translate).argmax(1) == y).float().mean())
+
+
+def view_accuracies(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, *, bf16: bool, batch: int = 2000
+) -> dict[str, float]:
+    """``accuracy`` of every view of ``test_time_views`` (``"plain"``, ``"flip"``, ``"flip+translate"``) on uint8
+    images ``x`` ``(N, 3, 32, 32)`` and labels ``y`` ``(N,)``, from one pass of six forwards per image."""
+    model.eval()
+    correct = dict.fromkeys(("plain", "flip", "flip+translate"), 0)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(x), batch):
+            views = test_time_views(model, to_float(x[i : i + batch].to(device)))
+            labels = y[i : i + batch].to(device)
+            for view, logits in views.items():
+                correct[view] += int((logits.argmax(1) == labels).sum())
+    return {view: count / len(y) for view, count in correct.items()}
 
 
 def train(
@@ -278,7 +301,8 @@ def pseudo_labels(probs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
 
 def card(name: str, arch: str, result: dict, model, val, test, device, bf16: bool, args, **extra) -> dict:
     round_large_weights(model)
-    val_acc = accuracy(model, *val, device, tta=False, bf16=bf16)
+    val_views = view_accuracies(model, *val, device, bf16=bf16)
+    test_views = view_accuracies(model, *test, device, bf16=bf16)
     return {
         "name": name,
         "arch": arch,
@@ -294,14 +318,12 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "torch": torch.__version__,
         "python": platform.python_version(),
         **result,
-        "val_accuracy": round(val_acc, 4),
-        "val_accuracy_flip_tta": round(accuracy(model, *val, device, tta=True, bf16=bf16), 4),
-        "val_accuracy_flip_translate_tta": round(accuracy(model, *val, device, tta=True, bf16=bf16, translate=True), 4),
-        "test_accuracy": round(accuracy(model, *test, device, tta=False, bf16=bf16), 4),
-        "test_accuracy_flip_tta": round(accuracy(model, *test, device, tta=True, bf16=bf16), 4),
-        "test_accuracy_flip_translate_tta": round(
-            accuracy(model, *test, device, tta=True, bf16=bf16, translate=True), 4
-        ),
+        "val_accuracy": round(val_views["plain"], 4),
+        "val_accuracy_flip_tta": round(val_views["flip"], 4),
+        "val_accuracy_flip_translate_tta": round(val_views["flip+translate"], 4),
+        "test_accuracy": round(test_views["plain"], 4),
+        "test_accuracy_flip_tta": round(test_views["flip"], 4),
+        "test_accuracy_flip_translate_tta": round(test_views["flip+translate"], 4),
         "command": args.command,
     }
 
