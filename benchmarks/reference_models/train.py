@@ -113,6 +113,9 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
+VIEWS = ("plain", "flip", "flip+translate")  # the keys of test_time_views, cheapest first
+
+
 def test_time_views(model: torch.nn.Module, images: torch.Tensor, *, translate: bool = True) -> dict[str, torch.Tensor]:
     """Float logits ``(N, C)`` of float images ``(N, 3, H, W)`` under the test-time views: ``"plain"`` (one
     forward), ``"flip"`` (mean with the mirror image) and, with ``translate``, ``"flip+translate"`` — the flip
@@ -166,7 +169,7 @@ def view_accuracies(
     """``accuracy`` of every view of ``test_time_views`` (``"plain"``, ``"flip"``, ``"flip+translate"``) on uint8
     images ``x`` ``(N, 3, 32, 32)`` and labels ``y`` ``(N,)``, from one pass of six forwards per image."""
     model.eval()
-    correct = dict.fromkeys(("plain", "flip", "flip+translate"), 0)
+    correct = dict.fromkeys(VIEWS, 0)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x), batch):
             views = test_time_views(model, to_float(x[i : i + batch].to(device)))

@@ -25,9 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import load_reference_model
 from cifar_data import cifar10_splits
-from train import view_accuracies
-
-VIEWS = ("plain", "flip", "flip+translate")  # train.test_time_views, cheapest first
+from train import VIEWS, view_accuracies
 
 
 def main(argv: list[str] | None = None) -> None:
