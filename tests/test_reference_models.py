@@ -3,6 +3,7 @@ tiny synthetic set (shapes, the loss falls, weights round-trip through safetenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -424,3 +425,139 @@ def test_semi_with_no_rounds_writes_only_the_labelled_only_model(tmp_path):
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             train_main(["--data-dir", str(data), "--mixup", bad])
+
+
+def test_colour_operations_match_pillow():
+    """Each colour operation of the strong view against Pillow's ``ImageEnhance`` / ``ImageOps`` on uint8 images."""
+    from cifar_data import COLOUR_OPERATIONS, colour_operations
+    from PIL import Image, ImageEnhance, ImageOps
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
+    factor = torch.tensor([0.1, 0.5, 0.9, 1.2, 1.6, 1.9])
+    threshold_levels = torch.tensor([0, 40, 100, 128, 200, 256])
+    bits = torch.tensor([4, 5, 6, 7, 8, 4])
+    got = colour_operations(x.float() / 255, factor, threshold_levels / 255, bits).clamp(0, 1)
+    assert got.shape == (len(COLOUR_OPERATIONS), 6, 3, 8, 8)
+    for i in range(6):
+        image = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+        f = float(factor[i])
+        expected = [
+            image,
+            ImageEnhance.Brightness(image).enhance(f),
+            ImageEnhance.Contrast(image).enhance(f),
+            ImageEnhance.Color(image).enhance(f),
+            ImageOps.solarize(image, int(threshold_levels[i])),
+            ImageOps.posterize(image, int(bits[i])),
+        ]
+        for name, op, pil in zip(COLOUR_OPERATIONS, got, expected, strict=True):
+            want = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float()
+            # Pillow rounds its grey image and the contrast mean to integers: within 1.5 grey levels
+            assert (op[i] * 255 - want).abs().max() <= 1.5, (name, i)
+
+
+def test_affine_warp_rotates_and_shifts_like_the_exact_pixel_maps():
+    from cifar_data import affine_warp
+
+    x = torch.rand(2, 3, 8, 8)
+    zero = torch.zeros(2)
+    quarter = affine_warp(x, torch.full((2,), torch.pi / 2), zero, torch.zeros(2, 2))
+    turned = [torch.rot90(x, k, (2, 3)) for k in (1, -1)]
+    assert any(torch.allclose(quarter, t, atol=1e-5) for t in turned)
+    shifted = affine_warp(x, zero, zero, torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    assert torch.allclose(shifted[0, :, :, 2:], x[0, :, :, :-2], atol=1e-5) and shifted[0, :, :, :2].abs().max() < 1e-6
+    assert torch.allclose(shifted[1, :, 3:], x[1, :, :-3], atol=1e-5) and shifted[1, :, :3].abs().max() < 1e-6
+    assert torch.allclose(affine_warp(x, zero, zero, torch.zeros(2, 2)), x, atol=1e-5)
+
+
+def test_strong_augment_is_seeded_bounded_and_changes_images():
+    from cifar_data import strong_augment
+
+    x = torch.rand(64, 3, 32, 32)
+    a = strong_augment(x, torch.Generator().manual_seed(1))
+    b = strong_augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    changed = (a - x).abs().flatten(1).mean(1) > 0.01
+    assert changed.all()  # at least the cutout
+
+
+def test_fixmatch_loss_matches_a_per_example_computation():
+    from train import fixmatch_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits_l, labels = torch.randn(4, 10, generator=g), torch.tensor([1, 2, 3, 4])
+    logits_w = torch.randn(6, 10, generator=g) * 3
+    logits_s = torch.randn(6, 10, generator=g, requires_grad=True)
+    weak = logits_w.clone().requires_grad_(True)
+    loss, mask, pseudo = fixmatch_loss(logits_l, labels, weak, logits_s, 0.5, 2.0, 0.2)
+
+    def smoothed_ce(logits, label):
+        target = np.full(10, 0.2 / 10)
+        target[label] += 0.8
+        log_p = logits.double().numpy() - np.log(np.exp(logits.double().numpy()).sum())
+        return -(target * log_p).sum()
+
+    p_weak = torch.softmax(logits_w.double(), 1).numpy()
+    expected_mask = p_weak.max(1) >= 0.5
+    assert 0 < expected_mask.sum() < 6  # the test has both kinds
+    expected = np.mean([smoothed_ce(logits_l[i], int(labels[i])) for i in range(4)])
+    expected += 2.0 * np.mean(
+        [smoothed_ce(logits_s[j].detach(), int(p_weak[j].argmax())) if expected_mask[j] else 0.0 for j in range(6)]
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert mask.tolist() == expected_mask.tolist() and pseudo.tolist() == p_weak.argmax(1).tolist()
+    loss.backward()
+    assert weak.grad is None  # the weak view's prediction is a constant target
+    assert torch.all(logits_s.grad[torch.from_numpy(~expected_mask)] == 0)
+
+
+def test_frozen_running_statistics_keeps_the_running_statistics_and_restores_momentum():
+    from train import frozen_running_statistics
+
+    norm = torch.nn.BatchNorm2d(3, momentum=0.4).train()
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    with pytest.raises(RuntimeError), frozen_running_statistics([norm]):
+        out = norm(torch.randn(8, 3, 4, 4) * 3 + 2)
+        assert out.mean().abs() < 1e-4  # normalised by the batch's statistics
+        raise RuntimeError
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+    assert norm.momentum == 0.4
+    norm(torch.randn(8, 3, 4, 4) + 2)
+    assert not torch.equal(norm.running_mean, before[0])
+
+
+def test_fixmatch_improves_on_the_labelled_only_model_and_leaves_running_statistics_to_the_weak_views():
+    """On synthetic images: three labelled images per class train a weak model; FixMatch on the unlabelled rest
+    makes it more accurate on held-out images; BatchNorm's running statistics equal those of weak views only."""
+    from train import FixMatch, train_fixmatch
+
+    x, y = synthetic_images(1200, seed=4)
+    held_x, held_y = synthetic_images(400, seed=5)
+    labelled = torch.cat([torch.nonzero(y == c).flatten()[:3] for c in range(10)])
+    rest = torch.ones(len(y), dtype=torch.bool)
+    rest[labelled] = False
+    cpu = torch.device("cpu")
+    model = make_model("vgg", (8, 16, 16))
+    recipe = Recipe(epochs=1, batch=30, lr=0.5, min_steps=40, whiten_bias_epochs=1, cutout=8)
+    train(model, x[labelled], y[labelled], recipe, device=cpu, seed=0, bf16=False, channels_last=False)
+    before = accuracy(model, held_x, held_y, cpu, tta=False, bf16=False)
+    whiten = model.whiten.weight.clone(), model.whiten.bias.clone()
+    result = train_fixmatch(
+        model,
+        x[labelled],
+        y[labelled],
+        x[rest],
+        dataclasses.replace(recipe, batch=160),
+        FixMatch(steps=60, unlabelled_ratio=15, threshold=0.7, cutout=8),
+        device=cpu,
+        seed=0,
+        bf16=False,
+        channels_last=False,
+        y_unlabelled=y[rest],
+        eval_every=20,
+        val=(held_x, held_y),
+    )
+    after = accuracy(model, held_x, held_y, cpu, tta=False, bf16=False)
+    assert after > before + 0.05, (before, after, result["log"])
+    assert result["steps"] == 60 and 0 < result["mask_rate"] <= 1 and len(result["log"]) == 3
+    assert torch.equal(model.whiten.weight, whiten[0]) and torch.equal(model.whiten.bias, whiten[1])

@@ -35,6 +35,7 @@ images/s, validation and untouched test accuracy: plain, flip-averaged, flip- an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +52,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import WhitenedVGG, load_reference_model, make_model
-from cifar_data import cifar10_splits, cutout, translate_and_flip
+from cifar_data import cifar10_splits, cutout, strong_augment, translate_and_flip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,33 @@ def view_accuracies(
     return {view: count / len(y) for view, count in correct.items()}
 
 
+def sgd_with_schedule(
+    model: torch.nn.Module, recipe: Recipe, total: int, whiten_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """Nesterov SGD over ``model``'s trainable parameters with the recipe's triangular schedule over ``total``
+    steps: BatchNorm shifts (and the VGG's whitening bias, trained for its first ``whiten_steps`` steps only) at
+    ``bias_lr_scale`` times the learning rate, every group with the same per-step weight decay."""
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    whiten_bias = [model.whiten.bias] if isinstance(model, WhitenedVGG) else []
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in biases + whiten_bias)]
+    lr, bias_lr = recipe.lr, recipe.lr * recipe.bias_lr_scale
+    groups = [
+        dict(params=others, lr=lr, weight_decay=recipe.weight_decay / lr),
+        dict(params=biases, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
+        dict(params=whiten_bias, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
+    ]
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            lambda s: triangle(s, total),
+            lambda s: triangle(s, total),
+            lambda s: triangle(s, total) if s < whiten_steps else 0.0,
+        ],
+    )
+    return optimizer, schedule
+
+
 def train(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -211,25 +239,7 @@ def train(
     steps_per_epoch = len(x) // batch
     epochs = max(recipe.epochs, math.ceil(recipe.min_steps / steps_per_epoch))
     total = epochs * steps_per_epoch
-    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    whiten_bias = [model.whiten.bias] if isinstance(model, WhitenedVGG) else []
-    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in biases + whiten_bias)]
-    lr, bias_lr = recipe.lr, recipe.lr * recipe.bias_lr_scale
-    groups = [
-        dict(params=others, lr=lr, weight_decay=recipe.weight_decay / lr),
-        dict(params=biases, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
-        dict(params=whiten_bias, lr=bias_lr, weight_decay=recipe.weight_decay / bias_lr),
-    ]
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
-    whiten_steps = recipe.whiten_bias_epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        [
-            lambda s: triangle(s, total),
-            lambda s: triangle(s, total),
-            lambda s: triangle(s, total) if s < whiten_steps else 0.0,
-        ],
-    )
+    optimizer, schedule = sgd_with_schedule(model, recipe, total, recipe.whiten_bias_epochs * steps_per_epoch)
     lookahead = Lookahead(model)
     flip_start = torch.rand(len(x), generator=generator) < 0.5
     mixing = torch.distributions.Beta(recipe.mixup, recipe.mixup) if recipe.mixup else None  # global RNG, seeded
@@ -288,6 +298,186 @@ def train(
         "epochs": epochs,
         "losses": [round(v, 4) for v in losses],
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class FixMatch:
+    """FixMatch's settings (Sohn et al., NeurIPS 2020): ``unlabelled_ratio`` unlabelled images per labelled one in
+    a batch (μ), the confidence ``threshold`` (τ) as a fraction of the highest confidence the recipe's label
+    smoothing lets a model reach (1 − ε + ε/C), the unlabelled loss's ``weight`` (λ_u) and the strong view's
+    cutout side."""
+
+    steps: int = 1400
+    unlabelled_ratio: int = 7
+    threshold: float = 0.6
+    weight: float = 1.0
+    cutout: int = 16
+    lr_scale: float = 0.05  # the recipe's learning rate and per-step weight decay times this
+
+
+@contextlib.contextmanager
+def frozen_running_statistics(norms: list[torch.nn.BatchNorm2d]):
+    """Train-mode BatchNorm layers normalise by their batch's statistics without updating their running ones."""
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+
+
+def fixmatch_loss(
+    logits_labelled: torch.Tensor,
+    labels: torch.Tensor,
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    threshold: float,
+    weight: float,
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FixMatch's loss ``CE(labelled) + weight · mean_u[ 1(max p_weak ≥ threshold) · CE(strong, argmax p_weak) ]``
+    (both cross-entropies label-smoothed by ``smoothing``; the mean over the whole unlabelled batch), where
+    ``p_weak = softmax(logits_weak)`` is taken as a constant. ``logits_labelled`` ``(B, C)``, ``labels`` ``(B,)``,
+    ``logits_weak`` and ``logits_strong`` ``(U, C)``. Returns ``(loss, mask (U,) bool, pseudo-labels (U,))``."""
+    confidence, pseudo = torch.softmax(logits_weak.detach().float(), 1).max(1)
+    mask = confidence >= threshold
+    unlabelled = F.cross_entropy(logits_strong.float(), pseudo, label_smoothing=smoothing, reduction="none")
+    loss = F.cross_entropy(logits_labelled.float(), labels, label_smoothing=smoothing)
+    return loss + weight * (unlabelled * mask).mean(), mask, pseudo
+
+
+def train_fixmatch(
+    model: torch.nn.Module,
+    x_labelled: torch.Tensor,
+    y_labelled: torch.Tensor,
+    x_unlabelled: torch.Tensor,
+    recipe: Recipe,
+    fixmatch: FixMatch,
+    *,
+    device: torch.device,
+    seed: int,
+    bf16: bool = True,
+    channels_last: bool = True,
+    label: str = "",
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_every: int = 0,
+    y_unlabelled: torch.Tensor | None = None,
+) -> dict:
+    """Continue training ``model`` (the labelled-only model) in place by FixMatch for ``fixmatch.steps`` steps: each
+    batch of ``recipe.batch`` images holds labelled images (the recipe's translate, flip and cutout) and
+    ``unlabelled_ratio`` times as many unlabelled ones; each unlabelled image's weak view (translate and flip) is
+    labelled by the model itself in the same step, and its strong view (``strong_augment``) is trained on that
+    label when the weak view's confidence reaches the threshold. The recipe's optimiser and triangular schedule
+    over the FixMatch steps; the whitening filters and bias stay as round 0 left them. Images uint8 ``(N, 3, 32,
+    32)``; ``y_unlabelled`` (optional) is only logged (the accuracy of the kept pseudo-labels), never trained on.
+
+    Returns ``{"seconds", "images_per_second", "steps", "mask_rate", "pseudo_label_accuracy", "log"}``, the rates
+    over the last tenth of the steps (``pseudo_label_accuracy`` only with ``y_unlabelled``).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    n_labelled = recipe.batch // (1 + fixmatch.unlabelled_ratio)
+    n_unlabelled = recipe.batch - n_labelled
+    if n_labelled > len(x_labelled) or n_unlabelled > len(x_unlabelled):
+        raise ValueError(f"a batch needs {n_labelled} labelled and {n_unlabelled} unlabelled images")
+    total = fixmatch.steps
+    scaled = dataclasses.replace(
+        recipe, lr=recipe.lr * fixmatch.lr_scale, weight_decay=recipe.weight_decay * fixmatch.lr_scale
+    )
+    optimizer, schedule = sgd_with_schedule(model, scaled, total, whiten_steps=0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    lookahead = Lookahead(model)
+    n_classes = model.head.out_features
+    threshold = fixmatch.threshold * (1 - recipe.label_smoothing + recipe.label_smoothing / n_classes)
+
+    def stream(n: int, size: int):
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n - size + 1, size):
+                yield order[i : i + size]
+
+    labelled_batches, unlabelled_batches = stream(len(x_labelled), n_labelled), stream(len(x_unlabelled), n_unlabelled)
+    x_labelled, y_labelled, x_unlabelled = x_labelled.to(device), y_labelled.to(device), x_unlabelled.to(device)
+
+    def layout(xb: torch.Tensor) -> torch.Tensor:
+        return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+
+    def flips(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=generator) < 0.5
+
+    log, kept, right = [], [], []
+    start = time.perf_counter()
+    for step in range(1, total + 1):
+        model.train()
+        il, iu = next(labelled_batches).to(device), next(unlabelled_batches).to(device)
+        xl = translate_and_flip(to_float(x_labelled[il]), flips(n_labelled), generator, shift=recipe.translate)
+        if recipe.cutout:
+            xl = cutout(xl, recipe.cutout, generator)
+        xu = to_float(x_unlabelled[iu])
+        weak = translate_and_flip(xu, flips(n_unlabelled), generator, shift=recipe.translate)
+        strong = strong_augment(
+            translate_and_flip(xu, flips(n_unlabelled), generator, shift=recipe.translate), generator, fixmatch.cutout
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                logits_weak = model(layout(weak))  # BatchNorm's running statistics follow the weak views only
+            with frozen_running_statistics(norms):  # each part normalised by its own batch statistics
+                logits_labelled, logits_strong = model(layout(xl)), model(layout(strong))
+        loss, mask, pseudo = fixmatch_loss(
+            logits_labelled,
+            y_labelled[il],
+            logits_weak,
+            logits_strong,
+            threshold,
+            fixmatch.weight,
+            recipe.label_smoothing,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % recipe.lookahead_every == 0:
+            lookahead.update(model, decay=0.95**recipe.lookahead_every * (step / total) ** 3)
+        kept.append(float(mask.float().mean()))
+        if y_unlabelled is not None:
+            truth = y_unlabelled.to(device)[iu]
+            right.append(float((pseudo[mask] == truth[mask]).float().mean()) if mask.any() else float("nan"))
+        if eval_every and (step % eval_every == 0 or step == total):
+            row = {
+                "model": label,
+                "step": step,
+                "of": total,
+                "loss": round(float(loss.detach()), 4),
+                "mask_rate": round(sum(kept[-eval_every:]) / len(kept[-eval_every:]), 4),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            if right:
+                recent = [r for r in right[-eval_every:] if r == r]
+                row["pseudo_label_accuracy"] = round(sum(recent) / len(recent), 4) if recent else None
+            if val is not None:
+                row["val_accuracy"] = round(accuracy(model, *val, device, tta=False, bf16=bf16), 4)
+            log.append(row)
+            print(json.dumps(row), flush=True)
+    lookahead.update(model, decay=1.0)
+    seconds = time.perf_counter() - start
+    model.to(memory_format=torch.contiguous_format)
+    tail = max(1, total // 10)
+    result = {
+        "seconds": round(seconds, 1),
+        "images_per_second": round(total * recipe.batch / seconds, 1),
+        "steps": total,
+        "mask_rate": round(sum(kept[-tail:]) / tail, 4),
+        "log": log,
+    }
+    if right:
+        recent = [r for r in right[-tail:] if r == r]
+        result["pseudo_label_accuracy"] = round(sum(recent) / len(recent), 4) if recent else None
+    return result
 
 
 def pseudo_labels(probs: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,6 +581,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--semi", action="store_true", help="curriculum labelling with --labels-per-class labels")
     parser.add_argument("--labels-per-class", type=int, default=100)
+    parser.add_argument(
+        "--method",
+        default="curriculum",
+        choices=["curriculum", "fixmatch"],
+        help="(--semi) curriculum labelling (rounds of pseudo-labels) or FixMatch continued from the round-0 model",
+    )
+    parser.add_argument("--fixmatch-steps", type=int, default=1400, help="(--semi --method fixmatch) steps")
+    parser.add_argument(
+        "--fixmatch-threshold",
+        type=float,
+        default=0.6,
+        help="(--semi --method fixmatch) confidence threshold, as a fraction of the highest label smoothing allows",
+    )
+    parser.add_argument(
+        "--fixmatch-lr-scale", type=float, default=0.05, help="(--semi --method fixmatch) learning-rate factor"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-steps", type=int, default=400, help="(--semi) fewest steps of the labelled-only model")
     parser.add_argument(
@@ -426,6 +632,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds must be >= 0")
     if not math.isfinite(args.mixup) or args.mixup < 0:
         parser.error("--mixup must be a finite number >= 0 (0: no mixup)")
+    args.fixmatch = FixMatch(
+        steps=args.fixmatch_steps, threshold=args.fixmatch_threshold, lr_scale=args.fixmatch_lr_scale
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -503,6 +712,36 @@ def main(argv: list[str] | None = None) -> None:
         result = train(teacher, x[labelled], y[labelled], args.recipe, label=base, **common)
         base_info = finish(teacher, base, result, labelled_images=len(labelled), unlabelled_images=0)
     if args.rounds == 0:
+        return
+    if args.method == "fixmatch":
+        result = train_fixmatch(
+            teacher,
+            x[labelled],
+            y[labelled],
+            x[unlabelled],
+            args.recipe,
+            args.fixmatch,
+            label="fixmatch",
+            y_unlabelled=y[unlabelled],
+            **{**common, "eval_every": args.eval_every or 50},
+        )
+        finish(
+            teacher,
+            f"{prefix}-fixmatch{len(labelled)}",
+            {
+                **result,
+                "seconds": round(base_info["seconds"] + result["seconds"], 1),
+                "fixmatch_seconds": result["seconds"],
+            },
+            method="FixMatch (Sohn et al., NeurIPS 2020), continued from the labelled-only model",
+            fixmatch=dataclasses.asdict(args.fixmatch),
+            labelled_model=args.labelled_model,
+            labelled_only={
+                k: base_info[k] for k in ("name", "val_accuracy", "test_accuracy", "test_accuracy_flip_tta")
+            },
+            labelled_images=len(labelled),
+            unlabelled_images=len(unlabelled),
+        )
         return
     round_recipe = dataclasses.replace(args.recipe, min_steps=args.round_min_steps)
     rounds, seconds = [], base_info["seconds"]
