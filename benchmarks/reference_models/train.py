@@ -28,6 +28,12 @@ images' labels are never used in training; the pseudo-label accuracy is logged f
 images at 10 epochs is otherwise under 100 steps); ``--labelled-model`` takes round 0 from an earlier run of the
 same arguments instead of training it again (checked against them; its wall time counts in the card).
 
+``--method fixmatch`` replaces the rounds by FixMatch (Sohn et al., NeurIPS 2020) continued from the round-0 model
+(``train_fixmatch``): every step the model labels the weak views (translate, flip) of 7 unlabelled images per
+labelled one and trains on their RandAugment-style strong views (``cifar_data.strong_augment``) where its
+confidence reaches ``--fixmatch-threshold`` of the highest that label smoothing allows. Its defaults (1,400 steps,
+threshold 0.6, learning rate × 0.05) were chosen on the validation split (benchmarks/README.md).
+
 Every model is written as ``<name>.safetensors`` with a JSON card (data, split, recipe, device, wall time,
 images/s, validation and untouched test accuracy: plain, flip-averaged, flip- and translate-averaged; the command).
 """
@@ -366,10 +372,12 @@ def train_fixmatch(
     y_unlabelled: torch.Tensor | None = None,
 ) -> dict:
     """Continue training ``model`` (the labelled-only model) in place by FixMatch for ``fixmatch.steps`` steps: each
-    batch of ``recipe.batch`` images holds labelled images (the recipe's translate, flip and cutout) and
-    ``unlabelled_ratio`` times as many unlabelled ones; each unlabelled image's weak view (translate and flip) is
-    labelled by the model itself in the same step, and its strong view (``strong_augment``) is trained on that
-    label when the weak view's confidence reaches the threshold. The recipe's optimiser and triangular schedule
+    batch of ``recipe.batch`` images (fewer when the sets are small) holds labelled images (the recipe's translate,
+    flip and cutout) and ``unlabelled_ratio`` times as many unlabelled ones; each unlabelled image's weak view
+    (translate and flip) is labelled by the model itself in the same step (in train mode: the only forward that
+    updates BatchNorm's running statistics), and its strong view (``strong_augment``) is trained on that label
+    when the weak view's confidence reaches the threshold; labelled and strong views are normalised by their own
+    batch statistics. The recipe's optimiser and triangular schedule
     over the FixMatch steps; the whitening filters and bias stay as round 0 left them. Images uint8 ``(N, 3, 32,
     32)``; ``y_unlabelled`` (optional) is only logged (the accuracy of the kept pseudo-labels), never trained on.
 
@@ -381,10 +389,10 @@ def train_fixmatch(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    n_labelled = recipe.batch // (1 + fixmatch.unlabelled_ratio)
-    n_unlabelled = recipe.batch - n_labelled
-    if n_labelled > len(x_labelled) or n_unlabelled > len(x_unlabelled):
-        raise ValueError(f"a batch needs {n_labelled} labelled and {n_unlabelled} unlabelled images")
+    n_labelled = min(recipe.batch // (1 + fixmatch.unlabelled_ratio), len(x_labelled))
+    n_unlabelled = min(fixmatch.unlabelled_ratio * n_labelled, len(x_unlabelled))
+    if n_labelled == 0 or n_unlabelled == 0:
+        raise ValueError("FixMatch needs labelled and unlabelled images in every batch")
     total = fixmatch.steps
     scaled = dataclasses.replace(
         recipe, lr=recipe.lr * fixmatch.lr_scale, weight_decay=recipe.weight_decay * fixmatch.lr_scale
@@ -575,7 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", type=int, nargs="*", default=None, help="channel widths (default: the arch's)")
     parser.add_argument("--translate", type=int, default=4)
     parser.add_argument("--cutout", type=int, default=12)
-    parser.add_argument("--mixup", type=float, default=0.0, help="mixup's Beta(α, α), every model (0: none)")
+    parser.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        help="mixup's Beta(α, α) (0: none); every model the call trains, round 0 only with --method fixmatch",
+    )
     parser.add_argument("--name", default=None, help="file name of the weights and card (default: the arch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-seed", type=int, default=0)
@@ -585,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="curriculum",
         choices=["curriculum", "fixmatch"],
-        help="(--semi) curriculum labelling (rounds of pseudo-labels) or FixMatch continued from the round-0 model",
+        help="(--semi) curriculum labelling (--rounds rounds of pseudo-labels) or FixMatch continued from the round-0 "
+        "model (--rounds 0 stops after round 0 either way)",
     )
     parser.add_argument("--fixmatch-steps", type=int, default=1400, help="(--semi --method fixmatch) steps")
     parser.add_argument(
@@ -632,6 +646,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds must be >= 0")
     if not math.isfinite(args.mixup) or args.mixup < 0:
         parser.error("--mixup must be a finite number >= 0 (0: no mixup)")
+    fixmatch_flags = [f for f in ("--fixmatch-steps", "--fixmatch-threshold", "--fixmatch-lr-scale") if f in argv]
+    if fixmatch_flags and not (args.semi and args.method == "fixmatch"):
+        parser.error(f"{', '.join(fixmatch_flags)} need --semi --method fixmatch")
+    if args.method != "curriculum" and not args.semi:
+        parser.error("--method needs --semi")
+    if args.fixmatch_steps < 1 or not 0 <= args.fixmatch_threshold <= 1:
+        parser.error("--fixmatch-steps must be >= 1 and --fixmatch-threshold in [0, 1]")
+    if not math.isfinite(args.fixmatch_lr_scale) or args.fixmatch_lr_scale <= 0:
+        parser.error("--fixmatch-lr-scale must be a finite number > 0")
     args.fixmatch = FixMatch(
         steps=args.fixmatch_steps, threshold=args.fixmatch_threshold, lr_scale=args.fixmatch_lr_scale
     )
