@@ -469,6 +469,62 @@ def test_affine_warp_rotates_and_shifts_like_the_exact_pixel_maps():
     assert torch.allclose(affine_warp(x, zero, zero, torch.zeros(2, 2)), x, atol=1e-5)
 
 
+def test_affine_warp_matches_scipy_for_rotation_shear_and_shift():
+    """Against ``scipy.ndimage.affine_transform`` (bilinear, zero outside): output pixel ``p`` (row, column, about
+    the centre) reads the input at ``M p + shift`` with ``M`` = [[cos + shear·sin, sin], [−sin + shear·cos, cos]]
+    in (row, column) order."""
+    from cifar_data import affine_warp
+    from scipy.ndimage import affine_transform
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 2, 12, 12, generator=g, dtype=torch.float64)
+    angle = torch.tensor([0.3, -0.5, 0.0], dtype=torch.float64)
+    shear = torch.tensor([0.2, -0.25, 0.3], dtype=torch.float64)
+    shift = torch.tensor([[1.5, -2.0], [0.0, 3.0], [-1.0, 0.5]], dtype=torch.float64)
+    got = affine_warp(x, angle, shear, shift)
+    centre = (12 - 1) / 2
+    for i in range(3):
+        c, s, k = float(angle[i].cos()), float(angle[i].sin()), float(shear[i])
+        # input (column, row) − centre = [[c, −s + k·c], [s, c + k·s]] · (column, row) − shift, in (row, column):
+        matrix = np.array([[c + k * s, s], [-s + k * c, c]])
+        offset = centre - matrix @ np.array([centre, centre]) - np.array([float(shift[i, 1]), float(shift[i, 0])])
+        for channel in range(2):
+            want = affine_transform(x[i, channel].numpy(), matrix, offset=offset, order=1, mode="grid-constant")
+            assert np.allclose(got[i, channel].numpy(), want, atol=1e-6), i
+
+
+def test_strong_augment_draws_per_image_operations():
+    """Each image draws its own two colour operations (uniform over the six) and its own affine map (each part
+    with probability 1/2, within its range)."""
+    import cifar_data
+    from cifar_data import COLOUR_OPERATIONS
+
+    drawn = {}
+
+    def record_warp(x, angle, shear, shift):
+        drawn.update(angle=angle, shear=shear, shift=shift)
+        return x
+
+    def marker_operations(x, factor, threshold, bits):  # operation k leaves (previous marker + k) / 100 everywhere
+        return torch.stack([x + k / 100 for k in range(len(COLOUR_OPERATIONS))])
+
+    original = cifar_data.affine_warp, cifar_data.colour_operations
+    try:
+        cifar_data.affine_warp, cifar_data.colour_operations = record_warp, marker_operations
+        out = cifar_data.strong_augment(torch.zeros(3000, 3, 4, 4), torch.Generator().manual_seed(0), cutout_size=0)
+    finally:
+        cifar_data.affine_warp, cifar_data.colour_operations = original
+    sums = torch.round(out[:, 0, 0, 0] * 100).long()  # the sum of the two operations' indices, 0..10
+    counts = torch.bincount(sums, minlength=11).float() / len(sums)
+    expected = torch.tensor([min(s, 10 - s) + 1 for s in range(11)], dtype=torch.float) / 36  # two uniform dice 0..5
+    assert torch.allclose(counts, expected, atol=0.02), counts
+    for name, bound in (("angle", np.pi / 6), ("shear", 0.3), ("shift", 4.0)):
+        values = drawn[name].flatten()
+        assert values.abs().max() <= bound + 1e-6
+        nonzero = (drawn[name] != 0).float().mean() if name != "shift" else (drawn[name] != 0).any(1).float().mean()
+        assert 0.45 < float(nonzero) < 0.55, name
+
+
 def test_strong_augment_is_seeded_bounded_and_changes_images():
     from cifar_data import strong_augment
 
@@ -535,42 +591,57 @@ def test_fixmatch_pairs_weak_and_strong_views_and_lets_only_the_weak_views_move_
     monkeypatch.setattr(train_module, "strong_augment", lambda x, generator, cutout_size: x.clone())
     x, y = synthetic_images(200, seed=6)
     labelled, unlabelled = torch.arange(20), torch.arange(20, 200)
-    recipe = Recipe(batch=40, lr=0.2, cutout=0, lookahead_every=1000)
-    calls, losses = [], []
-    real_loss = train_module.fixmatch_loss
+    recipe = Recipe(batch=40, lr=0.2, weight_decay=3e-3, cutout=0, lookahead_every=1000)
+    calls, inputs, losses, recipes = [], [], [], []
+    real_loss, real_sgd = train_module.fixmatch_loss, train_module.sgd_with_schedule
 
-    def spy_loss(logits_labelled, labels, logits_weak, logits_strong, *rest):
-        losses.append((labels.clone(), logits_weak.clone(), logits_strong.detach().clone()))
-        return real_loss(logits_labelled, labels, logits_weak, logits_strong, *rest)
+    def spy_loss(logits_labelled, labels, logits_weak, logits_strong, threshold, *rest):
+        losses.append((labels.clone(), logits_weak.clone(), logits_strong.detach().clone(), threshold))
+        return real_loss(logits_labelled, labels, logits_weak, logits_strong, threshold, *rest)
+
+    def spy_sgd(model, scaled, total, whiten_steps):
+        recipes.append((scaled, whiten_steps))
+        return real_sgd(model, scaled, total, whiten_steps)
 
     monkeypatch.setattr(train_module, "fixmatch_loss", spy_loss)
+    monkeypatch.setattr(train_module, "sgd_with_schedule", spy_sgd)
 
     def run(y_unlabelled):
         torch.manual_seed(0)
         model = make_model("vgg", (8, 16, 16))
+        whiten = model.whiten.weight.clone(), model.whiten.bias.clone()
         model.block1.norm1.register_forward_hook(
-            lambda module, inputs, output: calls.append((module.momentum, len(inputs[0])))
+            lambda module, args, output: calls.append((module.momentum, len(args[0])))
         )
+        model.register_forward_hook(lambda module, args, output: inputs.append(args[0].clone()))
         train_module.train_fixmatch(
             model,
             x[labelled],
             y[labelled],
             x[unlabelled],
             recipe,
-            train_module.FixMatch(steps=3, unlabelled_ratio=3, threshold=0.0),
+            train_module.FixMatch(steps=3, unlabelled_ratio=3, threshold=0.5, lr_scale=0.1),
             device=torch.device("cpu"),
             seed=0,
             bf16=False,
             channels_last=False,
             y_unlabelled=y_unlabelled,
         )
+        assert torch.equal(model.whiten.weight, whiten[0]) and torch.equal(model.whiten.bias, whiten[1])
         return model.state_dict()
 
     first = run(y[unlabelled])
     assert calls == [(0.4, 30), (0.0, 10), (0.0, 30)] * 3  # weak (30 unlabelled), labelled (10), strong (30)
-    for labels, weak, strong in losses:
-        assert len(labels) == 10 and torch.allclose(weak, strong, atol=1e-5)
-    assert all(bool(torch.isin(labels, y[labelled]).all()) for labels, _, _ in losses)
+    images = x.float() / 255
+    for step, (labels, weak, strong, threshold) in enumerate(losses):
+        assert torch.allclose(weak, strong, atol=1e-5) and threshold == pytest.approx(0.5 * (0.8 + 0.2 / 10))
+        weak_images, labelled_images, strong_images = inputs[3 * step : 3 * step + 3]
+        assert torch.equal(weak_images, strong_images)
+        where = [int(torch.nonzero((images[labelled] == image).flatten(1).all(1))[0]) for image in labelled_images]
+        assert torch.equal(labels, y[labelled][where])  # each labelled image with its own label
+        assert all(bool((images[unlabelled] == image).flatten(1).all(1).any()) for image in weak_images)
+    scaled, whiten_steps = recipes[0]
+    assert scaled.lr == pytest.approx(0.02) and scaled.weight_decay == pytest.approx(3e-4) and whiten_steps == 0
     second = run(None)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -609,6 +680,16 @@ def test_script_runs_fixmatch_from_a_saved_round_zero_as_from_a_fresh_one(tmp_pa
     weights = [load_file(str(tmp_path / d / "vgg-fixmatch30.safetensors")) for d in ("full", "resumed")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert cards[1]["labelled_model"] == str(base) and cards[0]["labelled_model"] is None
-    for bad in (["--fixmatch-steps", "3"], ["--semi", "--fixmatch-lr-scale", "0"], ["--method", "fixmatch"]):
+    fixmatch = ["--semi", "--method", "fixmatch"]
+    for bad in (
+        ["--fixmatch-steps", "3"],  # without --method fixmatch
+        ["--semi", "--fixmatch-threshold", "0.5"],
+        ["--method", "fixmatch"],  # without --semi
+        [*fixmatch, "--fixmatch-lr-scale", "0"],
+        [*fixmatch, "--fixmatch-lr-scale", "nan"],
+        [*fixmatch, "--fixmatch-steps", "0"],
+        [*fixmatch, "--fixmatch-threshold", "1.5"],
+        [*fixmatch, "--round-min-steps", "5"],
+    ):
         with pytest.raises(SystemExit):
             train_main(["--data-dir", str(data), *bad])

@@ -309,9 +309,10 @@ def train(
 @dataclasses.dataclass(frozen=True)
 class FixMatch:
     """FixMatch's settings (Sohn et al., NeurIPS 2020): ``unlabelled_ratio`` unlabelled images per labelled one in
-    a batch (μ), the confidence ``threshold`` (τ) as a fraction of the highest confidence the recipe's label
-    smoothing lets a model reach (1 − ε + ε/C), the unlabelled loss's ``weight`` (λ_u) and the strong view's
-    cutout side."""
+    a batch (μ), the confidence ``threshold`` (τ) as a fraction of the probability the recipe's label-smoothed
+    target puts on its class (1 − ε + ε/C = 0.82 for ε = 0.2, C = 10: what a trained model's softmax approaches,
+    not a hard ceiling), the unlabelled loss's ``weight`` (λ_u), the strong view's cutout side and the factor on
+    the recipe's learning rate and weight decay."""
 
     steps: int = 1400
     unlabelled_ratio: int = 7
@@ -323,7 +324,8 @@ class FixMatch:
 
 @contextlib.contextmanager
 def frozen_running_statistics(norms: list[torch.nn.BatchNorm2d]):
-    """Train-mode BatchNorm layers normalise by their batch's statistics without updating their running ones."""
+    """Train-mode BatchNorm layers normalise by their batch's statistics without updating their running ones
+    (``num_batches_tracked`` still counts, unused with a set momentum)."""
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.momentum = 0.0
@@ -377,12 +379,16 @@ def train_fixmatch(
     (translate and flip) is labelled by the model itself in the same step (in train mode: the only forward that
     updates BatchNorm's running statistics), and its strong view (``strong_augment``) is trained on that label
     when the weak view's confidence reaches the threshold; labelled and strong views are normalised by their own
-    batch statistics. The recipe's optimiser and triangular schedule
-    over the FixMatch steps; the whitening filters and bias stay as round 0 left them. Images uint8 ``(N, 3, 32,
-    32)``; ``y_unlabelled`` (optional) is only logged (the accuracy of the kept pseudo-labels), never trained on.
+    batch statistics. The recipe's optimiser and triangular schedule over the FixMatch steps, its learning rate
+    and per-step weight decay times ``lr_scale``; the whitening filters and bias stay as round 0 left them. Images
+    uint8 ``(N, 3, 32, 32)``; ``y_unlabelled`` (optional) is only logged (the accuracy of the kept pseudo-labels),
+    never trained on. ``eval_every``: a log row (and validation accuracy, with ``val``) every that many steps.
 
-    Returns ``{"seconds", "images_per_second", "steps", "mask_rate", "pseudo_label_accuracy", "log"}``, the rates
-    over the last tenth of the steps (``pseudo_label_accuracy`` only with ``y_unlabelled``).
+    Returns ``{"seconds", "images_per_second", "steps", "mask_rate", "pseudo_label_accuracy", "log"}``: seconds of
+    the loop (validation included), labelled plus unlabelled images per second (each unlabelled image is
+    forwarded twice), ``mask_rate`` the mean over the last tenth of the steps of the fraction of unlabelled images
+    kept, ``pseudo_label_accuracy`` (only with ``y_unlabelled``) the mean over those steps of each step's accuracy
+    of its kept pseudo-labels; the log rows hold the same two means over the steps since the previous row.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -411,6 +417,7 @@ def train_fixmatch(
 
     labelled_batches, unlabelled_batches = stream(len(x_labelled), n_labelled), stream(len(x_unlabelled), n_unlabelled)
     x_labelled, y_labelled, x_unlabelled = x_labelled.to(device), y_labelled.to(device), x_unlabelled.to(device)
+    y_unlabelled = y_unlabelled.to(device) if y_unlabelled is not None else None
 
     def layout(xb: torch.Tensor) -> torch.Tensor:
         return xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
@@ -453,7 +460,7 @@ def train_fixmatch(
             lookahead.update(model, decay=0.95**recipe.lookahead_every * (step / total) ** 3)
         kept.append(float(mask.float().mean()))
         if y_unlabelled is not None:
-            truth = y_unlabelled.to(device)[iu]
+            truth = y_unlabelled[iu]
             right.append(float((pseudo[mask] == truth[mask]).float().mean()) if mask.any() else float("nan"))
         if eval_every and (step % eval_every == 0 or step == total):
             row = {
@@ -477,7 +484,7 @@ def train_fixmatch(
     tail = max(1, total // 10)
     result = {
         "seconds": round(seconds, 1),
-        "images_per_second": round(total * recipe.batch / seconds, 1),
+        "images_per_second": round(total * (n_labelled + n_unlabelled) / seconds, 1),
         "steps": total,
         "mask_rate": round(sum(kept[-tail:]) / tail, 4),
         "log": log,
@@ -546,7 +553,7 @@ def save(model: torch.nn.Module, info: dict, out: Path) -> None:
     }
     save_file(tensors, str(out / f"{info['name']}.safetensors"), metadata={"arch": info["arch"]})
     (out / f"{info['name']}.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "losses", "rounds")}), flush=True)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("recipe", "losses", "rounds", "log")}), flush=True)
 
 
 def load_round_zero(path: Path, args, device: torch.device, copy_to: Path) -> tuple[torch.nn.Module, dict]:
@@ -596,20 +603,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument(
         "--method",
-        default="curriculum",
+        default=None,
         choices=["curriculum", "fixmatch"],
         help="(--semi) curriculum labelling (--rounds rounds of pseudo-labels) or FixMatch continued from the round-0 "
         "model (--rounds 0 stops after round 0 either way)",
     )
-    parser.add_argument("--fixmatch-steps", type=int, default=1400, help="(--semi --method fixmatch) steps")
+    parser.add_argument("--fixmatch-steps", type=int, default=None, help="(--semi --method fixmatch) steps (1400)")
     parser.add_argument(
         "--fixmatch-threshold",
         type=float,
-        default=0.6,
-        help="(--semi --method fixmatch) confidence threshold, as a fraction of the highest label smoothing allows",
+        default=None,
+        help="(--semi --method fixmatch) confidence threshold, a fraction of the label-smoothed target's 1 - ε + ε/C "
+        "(0.6)",
     )
     parser.add_argument(
-        "--fixmatch-lr-scale", type=float, default=0.05, help="(--semi --method fixmatch) learning-rate factor"
+        "--fixmatch-lr-scale",
+        type=float,
+        default=None,
+        help="(--semi --method fixmatch) factor on the learning rate and weight decay (0.05)",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-steps", type=int, default=400, help="(--semi) fewest steps of the labelled-only model")
@@ -626,7 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded random N images (smoke runs)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N epochs (in the log)")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="validation accuracy every N epochs in the log (0: none); with --method fixmatch, every N steps of "
+        "FixMatch (0: 50)",
+    )
     return parser
 
 
@@ -646,18 +663,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds must be >= 0")
     if not math.isfinite(args.mixup) or args.mixup < 0:
         parser.error("--mixup must be a finite number >= 0 (0: no mixup)")
-    fixmatch_flags = [f for f in ("--fixmatch-steps", "--fixmatch-threshold", "--fixmatch-lr-scale") if f in argv]
-    if fixmatch_flags and not (args.semi and args.method == "fixmatch"):
-        parser.error(f"{', '.join(fixmatch_flags)} need --semi --method fixmatch")
-    if args.method != "curriculum" and not args.semi:
+    settings = {"steps": args.fixmatch_steps, "threshold": args.fixmatch_threshold, "lr_scale": args.fixmatch_lr_scale}
+    given = {k: v for k, v in settings.items() if v is not None}
+    if args.method is not None and not args.semi:
         parser.error("--method needs --semi")
-    if args.fixmatch_steps < 1 or not 0 <= args.fixmatch_threshold <= 1:
+    if given and args.method != "fixmatch":
+        parser.error("--fixmatch-steps, --fixmatch-threshold and --fixmatch-lr-scale need --semi --method fixmatch")
+    if args.method == "fixmatch" and args.round_min_steps:
+        parser.error("--round-min-steps is for curriculum labelling's rounds, not --method fixmatch")
+    args.fixmatch = FixMatch(**given)
+    if args.fixmatch.steps < 1 or not 0 <= args.fixmatch.threshold <= 1:
         parser.error("--fixmatch-steps must be >= 1 and --fixmatch-threshold in [0, 1]")
-    if not math.isfinite(args.fixmatch_lr_scale) or args.fixmatch_lr_scale <= 0:
+    if not math.isfinite(args.fixmatch.lr_scale) or args.fixmatch.lr_scale <= 0:
         parser.error("--fixmatch-lr-scale must be a finite number > 0")
-    args.fixmatch = FixMatch(
-        steps=args.fixmatch_steps, threshold=args.fixmatch_threshold, lr_scale=args.fixmatch_lr_scale
-    )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
