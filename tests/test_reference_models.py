@@ -693,3 +693,34 @@ def test_script_runs_fixmatch_from_a_saved_round_zero_as_from_a_fresh_one(tmp_pa
     ):
         with pytest.raises(SystemExit):
             train_main(["--data-dir", str(data), *bad])
+
+
+def test_fixmatch_control_trains_on_the_labelled_images_alone():
+    """``weight=0`` (``--fixmatch-weight 0``): every forward sees labelled images only (none unlabelled are needed)
+    and the loss is the labelled cross-entropy; no mask or pseudo-label statistics are reported."""
+    from train import FixMatch, train_fixmatch
+
+    x, y = synthetic_images(40, seed=8)
+    model = make_model("vgg", (8, 16, 16))
+    sizes = []
+    model.register_forward_hook(lambda module, args, output: sizes.append(len(args[0])))
+    result = train_fixmatch(
+        model,
+        x,
+        y,
+        torch.zeros(0, 3, 32, 32, dtype=torch.uint8),
+        Recipe(batch=80, lr=0.2, cutout=0),
+        FixMatch(steps=4, unlabelled_ratio=1, weight=0.0),
+        device=torch.device("cpu"),
+        seed=0,
+        bf16=False,
+        channels_last=False,
+        eval_every=2,
+        val=(x, y),
+    )
+    assert sizes[:2] == [40, 40] and "mask_rate" not in result and "mask_rate" not in result["log"][0]
+    assert [row["step"] for row in result["log"]] == [2, 4]
+    with pytest.raises(ValueError, match="labelled and unlabelled"):
+        train_fixmatch(
+            model, x, y, x[:0], Recipe(batch=80), FixMatch(steps=1), device=torch.device("cpu"), seed=0, bf16=False
+        )
