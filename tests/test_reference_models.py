@@ -217,10 +217,10 @@ def test_flip_and_translate_tta_matches_a_brute_force_average_of_six_views():
         predict(model, x, cpu, tta=False, bf16=False, translate=True)
 
 
-def fake_cifar_folder(folder: Path, n: int = 5600) -> tuple[torch.Tensor, torch.Tensor]:
+def fake_cifar_folder(folder: Path, n: int = 5600, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A folder with ``cifar10_train.npz`` (``n`` synthetic images sorted by class, like the real file) and
     ``cifar10_test.npz`` (the first 200); returns the test images and labels."""
-    x, y = synthetic_images(n, seed=1)
+    x, y = synthetic_images(n, seed=seed)
     folder.mkdir()
     order = torch.argsort(y, stable=True)
     np.savez(folder / "cifar10_train.npz", x=x[order].permute(0, 2, 3, 1).numpy(), y=y[order].numpy())
@@ -654,11 +654,8 @@ def test_script_runs_fixmatch_from_a_saved_round_zero_as_from_a_fresh_one(tmp_pa
     weights; FixMatch's flags without ``--method fixmatch`` are a usage error."""
     from safetensors.torch import load_file
 
-    x, y = synthetic_images(5600, seed=7)
     data = tmp_path / "data"
-    data.mkdir()
-    np.savez(data / "cifar10_train.npz", x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy())
-    np.savez(data / "cifar10_test.npz", x=x[:200].permute(0, 2, 3, 1).numpy(), y=y[:200].numpy())
+    x_test, y_test = fake_cifar_folder(data, seed=7)
     args = ["--arch", "vgg", "--widths", "8", "16", "16", "--semi", "--labels-per-class", "3", "--epochs", "1"]
     args += ["--min-steps", "2", "--limit", "300", "--data-dir", str(data), "--no-bf16", "--method", "fixmatch"]
     args += ["--fixmatch-steps", "4", "--fixmatch-threshold", "0.5", "--eval-every", "2"]
@@ -675,7 +672,7 @@ def test_script_runs_fixmatch_from_a_saved_round_zero_as_from_a_fresh_one(tmp_pa
     assert card["seconds"] == pytest.approx(base_card["seconds"] + card["fixmatch_seconds"], abs=0.2)
     assert [row["step"] for row in card["log"]] == [2, 4] and "pseudo_label_accuracy" in card
     loaded = load_reference_model(tmp_path / "full" / "vgg-fixmatch30.safetensors")
-    expected = accuracy(loaded, x[:200], y[:200], torch.device("cpu"), tta=False, bf16=False)
+    expected = accuracy(loaded, x_test, y_test, torch.device("cpu"), tta=False, bf16=False)
     assert card["test_accuracy"] == round(expected, 4)
     weights = [load_file(str(tmp_path / d / "vgg-fixmatch30.safetensors")) for d in ("full", "resumed")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
