@@ -428,6 +428,10 @@ def train_fixmatch(
     def flips(n: int) -> torch.Tensor:
         return torch.rand(n, generator=generator) < 0.5
 
+    def known_mean(values: list[float]) -> float | None:  # steps that kept no image have no accuracy (NaN)
+        known = [v for v in values if v == v]
+        return round(sum(known) / len(known), 4) if known else None
+
     log, kept, right, last_row = [], [], [], 0
     start = time.perf_counter()
     for step in range(1, total + 1):
@@ -483,10 +487,9 @@ def train_fixmatch(
                 "seconds": round(time.perf_counter() - start, 1),
             }
             if kept:
-                row["mask_rate"] = round(sum(kept[last_row:]) / len(kept[last_row:]), 4)
+                row["mask_rate"] = known_mean(kept[last_row:])
             if right:
-                recent = [r for r in right[last_row:] if r == r]
-                row["pseudo_label_accuracy"] = round(sum(recent) / len(recent), 4) if recent else None
+                row["pseudo_label_accuracy"] = known_mean(right[last_row:])
             if val is not None:
                 row["val_accuracy"] = round(accuracy(model, *val, device, tta=False, bf16=bf16), 4)
             log.append(row)
@@ -503,10 +506,9 @@ def train_fixmatch(
         "log": log,
     }
     if kept:
-        result["mask_rate"] = round(sum(kept[-tail:]) / tail, 4)
+        result["mask_rate"] = known_mean(kept[-tail:])
     if right:
-        recent = [r for r in right[-tail:] if r == r]
-        result["pseudo_label_accuracy"] = round(sum(recent) / len(recent), 4) if recent else None
+        result["pseudo_label_accuracy"] = known_mean(right[-tail:])
     return result
 
 
