@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
-from architectures import ARCHITECTURES, WhitenedVGG, load_reference_model, make_model
+from architectures import ARCHITECTURES, WhitenedResNet9, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
 from train import Recipe, accuracy, mix_batch, mixed_cross_entropy, predict, pseudo_labels, train, triangle
 from train import main as train_main
@@ -152,12 +152,13 @@ def test_tanh_variant_bounds_the_features():
     assert features.abs().max() <= 1 and features.shape == (8, 384)
 
 
-def test_whitening_filters_whiten_the_patches():
+@pytest.mark.parametrize("net", [WhitenedVGG, WhitenedResNet9])
+def test_whitening_filters_whiten_the_patches(net):
     """After ``init_whitening`` the first 12 channels of the 2×2 patch responses have identity covariance."""
     g = torch.Generator().manual_seed(0)
     base = torch.rand(400, 3, 8, 8, generator=g)
     images = torch.nn.functional.interpolate(base, size=32, mode="bilinear")  # correlated neighbouring pixels
-    model = WhitenedVGG()
+    model = net()
     model.init_whitening(images, eps=0.0)
     with torch.no_grad():
         responses = torch.nn.functional.conv2d(model.standardize(images), model.whiten.weight[:12])
@@ -165,6 +166,47 @@ def test_whitening_filters_whiten_the_patches():
     cov = torch.cov(flat.T)
     assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=2e-2)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_whitened_resnet9_is_a_resnet9_on_the_whitened_map():
+    """Shapes stage by stage (31 → 15 → 7 → 3), non-negative features of the last width, logits = head / 8; and
+    ``train`` sets its whitening filters from the data and trains the whitening bias for its first epochs only."""
+    model = WhitenedResNet9((8, 16, 32)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        h = model.act(model.whiten(model.standardize(x)))
+        shapes = [tuple(h.shape[1:])]
+        for layer in (model.layer1, model.layer2, model.layer3):
+            h = layer(h)
+            shapes.append(tuple(h.shape[1:]))
+        features = model.features(x)
+        logits = model(x)
+    assert shapes == [(24, 31, 31), (8, 15, 15), (16, 7, 7), (32, 3, 3)]
+    assert torch.equal(features, h.amax((2, 3))) and features.min() >= 0 and features.shape == (4, 32)
+    torch.testing.assert_close(logits, model.head(features) / 8)
+
+    images, labels = synthetic_images(96, seed=6)
+    untouched = WhitenedResNet9((8, 16, 32))
+    bias_before = untouched.whiten.bias.detach().clone()
+    trained = WhitenedResNet9((8, 16, 32))
+    trained.whiten.bias.data.copy_(bias_before)
+    recipe = Recipe(epochs=2, batch=32, lr=0.5, whiten_bias_epochs=1)
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def spy_step(optimizer, *args, **kwargs):
+        seen.append(trained.whiten.bias.detach().clone())
+        return real_step(optimizer, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", spy_step)
+        train(trained, images, labels, recipe, device=torch.device("cpu"), seed=0, bf16=False, channels_last=False)
+    expected = WhitenedResNet9((8, 16, 32))
+    g = torch.Generator().manual_seed(0)
+    expected.init_whitening(images[torch.randperm(len(images), generator=g)[:5000]].float() / 255)
+    torch.testing.assert_close(trained.whiten.weight, expected.whiten.weight)  # set from the data, then frozen
+    assert not torch.equal(seen[1], seen[0])  # the bias moves during the first epoch (3 steps) ...
+    assert torch.equal(seen[4], seen[3])  # ... and not in step 3 (schedule factor 0; the lookahead pulls after step 4)
 
 
 def test_translate_and_flip_matches_a_brute_force_crop():
@@ -644,8 +686,6 @@ def test_fixmatch_pairs_weak_and_strong_views_and_lets_only_the_weak_views_move_
     assert scaled.lr == pytest.approx(0.02) and scaled.weight_decay == pytest.approx(3e-4) and whiten_steps == 0
     second = run(None)
     assert all(torch.equal(first[k], second[k]) for k in first)
-
-
 
 
 def test_script_runs_fixmatch_from_a_saved_round_zero_as_from_a_fresh_one(tmp_path):

@@ -73,23 +73,16 @@ class ConvGroup(nn.Module):
         return self.act2(self.norm2(self.conv2(x)))
 
 
-class WhitenedVGG(nn.Module):
-    """Patch-whitening VGG-style net; ``forward``: ``(N, 3, 32, 32)`` in [0, 1] → logits ``(N, 10)``."""
+class PatchWhitenedNet(nn.Module):
+    """Base of the nets whose first layer is a frozen 2×2 patch-whitening convolution ``whiten``
+    ``(N, 3, 32, 32) → (N, 24, 31, 31)`` after per-channel standardisation; ``train.py`` calls
+    ``init_whitening`` before training and trains the whitening bias for the first epochs only."""
 
-    def __init__(
-        self, widths: tuple[int, int, int] = (64, 256, 256), n_classes: int = 10, feature_activation: str = "gelu"
-    ) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.standardize = Standardize()
         self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
-        self.act = nn.GELU()
-        self.block1 = ConvGroup(24, widths[0])
-        self.block2 = ConvGroup(widths[0], widths[1])
-        self.block3 = ConvGroup(widths[1], widths[2], last_act=feature_activation)
-        self.pool = nn.AdaptiveMaxPool2d(1)
-        self.head = nn.Linear(widths[2], n_classes, bias=False)
-        self.logit_scale = 1 / 9
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -101,6 +94,22 @@ class WhitenedVGG(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(12, 3, 2, 2).float()
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+
+class WhitenedVGG(PatchWhitenedNet):
+    """Patch-whitening VGG-style net; ``forward``: ``(N, 3, 32, 32)`` in [0, 1] → logits ``(N, 10)``."""
+
+    def __init__(
+        self, widths: tuple[int, int, int] = (64, 256, 256), n_classes: int = 10, feature_activation: str = "gelu"
+    ) -> None:
+        super().__init__()
+        self.act = nn.GELU()
+        self.block1 = ConvGroup(24, widths[0])
+        self.block2 = ConvGroup(widths[0], widths[1])
+        self.block3 = ConvGroup(widths[1], widths[2], last_act=feature_activation)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(widths[2], n_classes, bias=False)
+        self.logit_scale = 1 / 9
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(N, widths[2])``."""
@@ -160,10 +169,40 @@ class ResNet9(nn.Module):
         return logits if self.logit_scale == 1 else logits * self.logit_scale
 
 
+class WhitenedResNet9(PatchWhitenedNet):
+    """ResNet-9 with the patch-whitening stem in place of its prep convolution; ``forward``: ``(N, 3, 32, 32)`` in
+    [0, 1] → logits ``(N, 10)``. Stages as ``ResNet9`` (ReLU, residual blocks after the first and last) on the
+    whitened 31×31 map: ``conv → pool`` to 15×15 + residual block, 7×7, 3×3 + residual block; widths ``w1/w2/w3``."""
+
+    def __init__(self, widths: tuple[int, int, int] = (96, 192, 384), n_classes: int = 10) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.act = nn.ReLU()  # the ± filter pairs make ReLU of the whitened map lossless
+        self.layer1 = nn.Sequential(
+            conv_bn(24, w1, pool=True), Residual(nn.Sequential(conv_bn(w1, w1), conv_bn(w1, w1)))
+        )
+        self.layer2 = conv_bn(w1, w2, pool=True)
+        self.layer3 = nn.Sequential(
+            conv_bn(w2, w3, pool=True), Residual(nn.Sequential(conv_bn(w3, w3), conv_bn(w3, w3)))
+        )
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(w3, n_classes, bias=False)
+        self.logit_scale = 1 / 8
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features ``(N, widths[2])``, non-negative."""
+        h = self.act(self.whiten(self.standardize(x)))
+        return self.pool(self.layer3(self.layer2(self.layer1(h)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)) * self.logit_scale
+
+
 ARCHITECTURES = {
     "vgg": lambda widths: WhitenedVGG(widths or (96, 384, 384)),
     "vgg-tanh": lambda widths: WhitenedVGG(widths or (96, 384, 384), feature_activation="tanh"),
     "resnet9": lambda widths: ResNet9(widths or (48, 96, 192, 384)),
+    "resnet9-whitened": lambda widths: WhitenedResNet9(widths or (96, 192, 384)),
 }
 
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import WhitenedVGG, load_reference_model, make_model
+from architectures import ARCHITECTURES, PatchWhitenedNet, load_reference_model, make_model
 from cifar_data import cifar10_splits, cutout, strong_augment, translate_and_flip
 
 
@@ -195,7 +195,7 @@ def sgd_with_schedule(
     steps: BatchNorm shifts (and the VGG's whitening bias, trained for its first ``whiten_steps`` steps only) at
     ``bias_lr_scale`` times the learning rate, every group with the same per-step weight decay."""
     biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    whiten_bias = [model.whiten.bias] if isinstance(model, WhitenedVGG) else []
+    whiten_bias = [model.whiten.bias] if isinstance(model, PatchWhitenedNet) else []
     others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in biases + whiten_bias)]
     lr, bias_lr = recipe.lr, recipe.lr * recipe.bias_lr_scale
     groups = [
@@ -237,7 +237,7 @@ def train(
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    if isinstance(model, WhitenedVGG):
+    if isinstance(model, PatchWhitenedNet):
         sample = x[torch.randperm(len(x), generator=generator)[:5000]]
         model.init_whitening(to_float(sample))
     model.to(device)
@@ -597,7 +597,7 @@ def load_round_zero(path: Path, args, device: torch.device, copy_to: Path) -> tu
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="vgg", choices=["vgg", "vgg-tanh", "resnet9"])
+    parser.add_argument("--arch", default="vgg", choices=sorted(ARCHITECTURES))
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"))
     parser.add_argument("--device", default="cpu")
