@@ -510,7 +510,8 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         "## Set-up",
         "",
         "- **Models**: the reference models in `benchmarks/reference_models/weights/` (trained as in "
-        "`benchmarks/README.md`, schedules chosen on the validation split; see each section); features of "
+        "`benchmarks/README.md`, schedules chosen on the validation split or set by the CPU budget; see each "
+        "section); features of "
         '`layer="auto"` (the penultimate layer and two earlier stage ends, as `FailureDetector()` hooks).',
         f"- **Fits**: every row is fitted on a seeded subset of {args.train_rows} of the 45,000 training images "
         "(`--train-rows`, CPU budget) and then sees the 5,000 labelled validation images through "

@@ -20,7 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import make_model
 
-MODELS = [("vgg", (96, 384, 384)), ("resnet9", None), ("vgg", (64, 256, 256))]
+MODELS = [
+    ("vgg", (96, 384, 384)),
+    ("resnet9", None),
+    ("vgg", (64, 256, 256)),
+    ("resnet9-whitened", (96, 192, 384)),
+    ("resnet9-whitened", (112, 224, 448)),
+    ("resnet9-whitened", (128, 256, 384)),
+]
 
 
 def images_per_second(

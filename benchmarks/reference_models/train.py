@@ -3,10 +3,12 @@
     python benchmarks/reference_models/train.py --arch vgg      --data-dir ../shared/data   # 96/384/384, 25 epochs
     python benchmarks/reference_models/train.py --arch vgg-tanh --data-dir ../shared/data
     python benchmarks/reference_models/train.py --arch resnet9  --data-dir ../shared/data   # 30 epochs
+    python benchmarks/reference_models/train.py --arch resnet9-whitened --data-dir ../shared/data  # 112/224/448, 28
     python benchmarks/reference_models/train.py --arch vgg --widths 64 256 256 --semi --data-dir ../shared/data
     ... --device cuda
 
-The defaults are the schedules ``sweep.py`` chose on the validation split (each card holds its exact command).
+The defaults are the schedules ``sweep.py`` chose on the validation split, except ``resnet9-whitened``'s 28 epochs
+and widths, set from the CPU's training speed to fit 90 minutes (each card holds its exact command).
 
 Recipe (after the airbench speed runs, our own implementation): batch 1024, Nesterov SGD (momentum 0.85) on the
 mean label-smoothed (0.2) cross-entropy, a triangular learning-rate schedule (0.2 → 1 at 23% of the steps →
@@ -14,10 +16,10 @@ mean label-smoothed (0.2) cross-entropy, a triangular learning-rate schedule (0.
 pulled in every 5 steps, random translations (reflect padding; ±4 px by default), alternating horizontal
 flips (each image flipped on every other epoch, from a random start) and a 12×12 cutout; ``--mixup α`` adds
 mixup (Zhang et al., ICLR 2018: each batch mixed with a shuffled copy of itself by one Beta(α, α) weight, the
-two label-smoothed losses weighted as their images) to every model the call trains. The VGG's whitening
-filters come from the training images' 2×2 patches; its whitening bias trains for the first 3 epochs only. On
-a CPU, bf16 autocast and channels-last memory make training 2.4× faster than float32 (``--no-bf16`` /
-``--no-channels-last`` to compare; figures in benchmarks/README.md).
+two label-smoothed losses weighted as their images) to every model the call trains. The whitening filters of
+the VGG and of the whitened ResNet-9 come from the training images' 2×2 patches; their whitening bias trains for
+the first 3 epochs only. On a CPU, bf16 autocast and channels-last memory make training 2.4× faster than
+float32 (``--no-bf16`` / ``--no-channels-last`` to compare; figures in benchmarks/README.md).
 
 Semi-supervised (``--semi``): curriculum labelling (Cascante-Bonilla et al., AAAI 2021). Round 0 trains on the
 labelled images alone — that model is also the labelled-only baseline, saved as ``<arch>-labelled<N>``. Each
@@ -192,8 +194,8 @@ def sgd_with_schedule(
     model: torch.nn.Module, recipe: Recipe, total: int, whiten_steps: int
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """Nesterov SGD over ``model``'s trainable parameters with the recipe's triangular schedule over ``total``
-    steps: BatchNorm shifts (and the VGG's whitening bias, trained for its first ``whiten_steps`` steps only) at
-    ``bias_lr_scale`` times the learning rate, every group with the same per-step weight decay."""
+    steps: BatchNorm shifts (and a ``PatchWhitenedNet``'s whitening bias, trained for its first ``whiten_steps``
+    steps only) at ``bias_lr_scale`` times the learning rate, every group with the same per-step weight decay."""
     biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     whiten_bias = [model.whiten.bias] if isinstance(model, PatchWhitenedNet) else []
     others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in biases + whiten_bias)]
@@ -602,7 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="default: 25 (vgg), 30 (resnet9), 10 per round (--semi)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 25 (vgg, vgg-tanh), 30 (resnet9), 28 (resnet9-whitened), 10 per round (--semi)",
     )
     parser.add_argument("--widths", type=int, nargs="*", default=None, help="channel widths (default: the arch's)")
     parser.add_argument("--translate", type=int, default=4)
@@ -671,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_EPOCHS = {"resnet9": 30, "resnet9-whitened": 28}  # the others 25; --semi 10 per round
+
 # the arguments a round-0 model must share with the run that loads it (--labelled-model)
 ROUND_ZERO_ARGUMENTS = ("arch", "widths", "epochs", "translate", "cutout", "seed", "split_seed", "labels_per_class")
 ROUND_ZERO_ARGUMENTS += ("min_steps", "no_bf16", "no_channels_last", "limit", "mixup")
@@ -711,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bf16 = not args.no_bf16
-    epochs = args.epochs or (10 if args.semi else 30 if args.arch == "resnet9" else 25)
+    epochs = args.epochs or (10 if args.semi else DEFAULT_EPOCHS.get(args.arch, 25))
     args.recipe = Recipe(
         epochs=epochs,
         min_steps=args.min_steps if args.semi else 0,
