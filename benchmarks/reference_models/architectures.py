@@ -1,7 +1,7 @@
 """Fast CIFAR-10 reference classifiers, trainable to paper-grade accuracy on a 2-core CPU.
 
-Two families (VGG and ResNet), three architectures, all with per-channel standardisation inside the model (they
-take images in [0, 1]):
+Two families (VGG and ResNet; the whitened ResNet-9 borrows the VGG's stem), three architectures, all with
+per-channel standardisation inside the model (they take images in [0, 1]):
 
 * ``WhitenedVGG`` — a small wide VGG-style net after the "airbench" speed-run line of work (Jordan, 2024,
   *94% on CIFAR-10 in 3.29 seconds on a single GPU*): a frozen 2×2 patch-whitening convolution initialised
