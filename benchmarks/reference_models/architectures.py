@@ -144,6 +144,13 @@ def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def residual_stage(c_in: int, c_out: int) -> nn.Sequential:
+    """``conv → pool → BN → ReLU`` then a two-conv residual block: ``(N, c_in, H, W) → (N, c_out, H/2, W/2)``."""
+    return nn.Sequential(
+        conv_bn(c_in, c_out, pool=True), Residual(nn.Sequential(conv_bn(c_out, c_out), conv_bn(c_out, c_out)))
+    )
+
+
 class ResNet9(nn.Module):
     """DAWNBench ResNet-9; ``forward``: ``(N, 3, 32, 32)`` in [0, 1] → logits ``(N, 10)``."""
 
@@ -152,13 +159,9 @@ class ResNet9(nn.Module):
         w0, w1, w2, w3 = widths
         self.standardize = Standardize()
         self.prep = conv_bn(3, w0)
-        self.layer1 = nn.Sequential(
-            conv_bn(w0, w1, pool=True), Residual(nn.Sequential(conv_bn(w1, w1), conv_bn(w1, w1)))
-        )
+        self.layer1 = residual_stage(w0, w1)
         self.layer2 = conv_bn(w1, w2, pool=True)
-        self.layer3 = nn.Sequential(
-            conv_bn(w2, w3, pool=True), Residual(nn.Sequential(conv_bn(w3, w3), conv_bn(w3, w3)))
-        )
+        self.layer3 = residual_stage(w2, w3)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(w3, n_classes, bias=False)
         self.logit_scale = 1 / 8
@@ -181,13 +184,9 @@ class WhitenedResNet9(PatchWhitenedNet):
         super().__init__()
         w1, w2, w3 = widths
         self.act = nn.ReLU()  # at zero whitening bias the ± filter pairs make this ReLU lossless
-        self.layer1 = nn.Sequential(
-            conv_bn(24, w1, pool=True), Residual(nn.Sequential(conv_bn(w1, w1), conv_bn(w1, w1)))
-        )
+        self.layer1 = residual_stage(24, w1)
         self.layer2 = conv_bn(w1, w2, pool=True)
-        self.layer3 = nn.Sequential(
-            conv_bn(w2, w3, pool=True), Residual(nn.Sequential(conv_bn(w3, w3), conv_bn(w3, w3)))
-        )
+        self.layer3 = residual_stage(w2, w3)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(w3, n_classes, bias=False)
         self.logit_scale = 1 / 8
