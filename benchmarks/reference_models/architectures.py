@@ -76,7 +76,22 @@ class ConvGroup(nn.Module):
         return self.act2(self.norm2(self.conv2(x)))
 
 
-class PatchWhitenedNet(nn.Module):
+class ScaledHeadNet(nn.Module):
+    """Base of the reference nets: ``forward`` = ``head(features(x)) · logit_scale``, ``(N, 3, 32, 32)`` in [0, 1]
+    → logits ``(N, 10)``; subclasses define ``features``, ``head`` and ``logit_scale``."""
+
+    head: nn.Linear
+    logit_scale: float
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.features(x))
+        return logits if self.logit_scale == 1 else logits * self.logit_scale
+
+
+class PatchWhitenedNet(ScaledHeadNet):
     """Base of the nets whose first layer is a frozen 2×2 patch-whitening convolution ``whiten``
     ``(N, 3, 32, 32) → (N, 24, 31, 31)`` after per-channel standardisation; ``train.py`` calls
     ``init_whitening`` before training and trains the whitening bias for the first epochs only."""
@@ -120,10 +135,6 @@ class WhitenedVGG(PatchWhitenedNet):
         h = self.block3(self.block2(self.block1(h)))
         return self.pool(h).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        return logits if self.logit_scale == 1 else logits * self.logit_scale
-
 
 class Residual(nn.Module):
     """``x + f(x)``."""
@@ -151,7 +162,7 @@ def residual_stage(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class ResNet9(nn.Module):
+class ResNet9(ScaledHeadNet):
     """DAWNBench ResNet-9; ``forward``: ``(N, 3, 32, 32)`` in [0, 1] → logits ``(N, 10)``."""
 
     def __init__(self, widths: tuple[int, int, int, int] = (48, 96, 192, 384), n_classes: int = 10) -> None:
@@ -169,10 +180,6 @@ class ResNet9(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.layer3(self.layer2(self.layer1(self.prep(self.standardize(x)))))
         return self.pool(h).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        return logits if self.logit_scale == 1 else logits * self.logit_scale
 
 
 class WhitenedResNet9(PatchWhitenedNet):
@@ -195,10 +202,6 @@ class WhitenedResNet9(PatchWhitenedNet):
         """Penultimate features ``(N, widths[2])``, non-negative."""
         h = self.act(self.whiten(self.standardize(x)))
         return self.pool(self.layer3(self.layer2(self.layer1(h)))).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        return logits if self.logit_scale == 1 else logits * self.logit_scale
 
 
 ARCHITECTURES = {
