@@ -1,4 +1,5 @@
-"""Fast CIFAR-10 reference classifiers, trainable to paper-grade accuracy on a 2-core CPU.
+"""Fast CIFAR-10 reference classifiers, trainable on a 2-core CPU in 90 minutes (about 90–91% test; see
+benchmarks/README.md).
 
 Two families (VGG and ResNet; the whitened ResNet-9 borrows the VGG's stem), three architectures, all with
 per-channel standardisation inside the model (they take images in [0, 1]):
@@ -7,13 +8,14 @@ per-channel standardisation inside the model (they take images in [0, 1]):
   *94% on CIFAR-10 in 3.29 seconds on a single GPU*): a frozen 2×2 patch-whitening convolution initialised
   from the training images' patch covariance (its eigenvectors scaled by ``1/sqrt(eigenvalue)``, with their
   negatives: 24 channels), then three groups ``conv3×3 → maxpool 2 → BN → act → conv3×3 → BN → act`` of widths
-  64/256/256 (airbench's; our reference uses 96/384/384) and a global max pool, a bias-free linear head scaled
-  by 1/9.
+  64/256/256 (airbench's; our supervised references use 96/384/384, the semi-supervised ones 64/256/256) and a
+  global max pool, a bias-free linear head scaled by 1/9.
   ``feature_activation="tanh"`` ends the last group in tanh instead of GELU, so the max-pooled features lie in
   ``(-1, 1)`` (the paper's DenseNet ends its features in tanh).
 * ``ResNet9`` — the DAWNBench residual net (Page, 2018, *How to train your ResNet*): prep conv, then
   ``conv → pool`` stages with two-conv residual blocks after the first and last, global max pool, linear head
-  scaled by 1/8; widths configurable (default 48/96/192/384 to fit the CPU budget).
+  scaled by 1/8; widths configurable (default 48/96/192/384, sized to a projected 88 CPU minutes;
+  trained on the H200 only).
 * ``WhitenedResNet9`` — the same stages on the VGG's patch-whitening stem instead of the prep convolution
   (31×31 whitened map, ReLU); the cheaper stem pays for wider stages (default 112/224/448) in the same time.
 

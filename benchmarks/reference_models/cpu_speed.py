@@ -27,6 +27,9 @@ MODELS = [
     ("resnet9-whitened", (96, 192, 384)),
     ("resnet9-whitened", (112, 224, 448)),
     ("resnet9-whitened", (128, 256, 384)),
+    ("resnet9-whitened", (128, 256, 512)),
+    ("resnet9-whitened", (144, 288, 576)),
+    ("resnet9-whitened", (160, 320, 640)),
 ]
 
 

@@ -5,7 +5,8 @@
 Trains the candidates below with ``train.py`` (same process, ``train.main``), keeps for each family the one with
 the highest **validation** accuracy (the test accuracy is recorded, never used), trains the tanh twin of the
 chosen VGG, and the semi-supervised run. Every candidate was sized to fit 90 minutes on the 2-core CPU at the
-images/s of ``benchmarks/README.md`` (bf16 autocast, channels-last). Cards of every candidate land in ``--out``;
+images/s measured then (bf16 autocast, channels-last; ``benchmarks/README.md`` records those of the chosen ones).
+Cards of every candidate land in ``--out``;
 ``sweep/cards.jsonl`` holds those of the run behind the committed weights (an H200, 2 minutes).
 """
 

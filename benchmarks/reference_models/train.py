@@ -8,7 +8,8 @@
     ... --device cuda
 
 The defaults are the schedules ``sweep.py`` chose on the validation split, except ``resnet9-whitened``'s 28 epochs
-and widths, set from the CPU's training speed to fit 90 minutes (each card holds its exact command).
+and widths, set from the CPU's training speed to fit 90 minutes (each card holds its command; a card
+written on the H200 by ``sweep.py`` holds the sweep run's arguments without its ``--name`` / ``--out``).
 
 Recipe (after the airbench speed runs, our own implementation): batch 1024, Nesterov SGD (momentum 0.85) on the
 mean label-smoothed (0.2) cross-entropy, a triangular learning-rate schedule (0.2 → 1 at 23% of the steps →
@@ -18,17 +19,17 @@ flips (each image flipped on every other epoch, from a random start) and a 12×1
 mixup (Zhang et al., ICLR 2018: each batch mixed with a shuffled copy of itself by one Beta(α, α) weight, the
 two label-smoothed losses weighted as their images) to every model the call trains. The whitening filters of
 the VGG and of the whitened ResNet-9 come from the training images' 2×2 patches; their whitening bias trains for
-the first 3 epochs only. On a CPU, bf16 autocast and channels-last memory make training 2.4× faster than
+the first 3 epochs only. On a CPU, bf16 autocast and channels-last memory make training 2.4–2.6× faster than
 float32 (``--no-bf16`` / ``--no-channels-last`` to compare; figures in benchmarks/README.md).
 
 Semi-supervised (``--semi``): curriculum labelling (Cascante-Bonilla et al., AAAI 2021). Round 0 trains on the
-labelled images alone — that model is also the labelled-only baseline, saved as ``<arch>-labelled<N>``. Each
-next round predicts the unlabelled images (flip-averaged), keeps the most confident ``r/R`` of every predicted
-class as pseudo-labels, and trains a fresh model on the labelled plus pseudo-labelled images. The unlabelled
-images' labels are never used in training; the pseudo-label accuracy is logged for information.
-``--round-min-steps`` makes every round's model train at least that many steps (an early round of ~10,000
-images at 10 epochs is otherwise under 100 steps); ``--labelled-model`` takes round 0 from an earlier run of the
-same arguments instead of training it again (checked against them; its wall time counts in the card).
+labelled images alone — that model is also the labelled-only baseline, saved as ``<name>-labelled<N>`` (``--name``,
+default the arch). Each next round predicts the unlabelled images (flip-averaged), keeps the most confident ``r/R``
+of every predicted class as pseudo-labels, and trains a fresh model on the labelled plus pseudo-labelled images. The
+unlabelled images' labels are never used in training; the pseudo-label accuracy is logged for information.
+``--round-min-steps`` makes every round's model train at least that many steps (an early round of ~10,000 images at
+10 epochs is otherwise under 100 steps); ``--labelled-model`` takes round 0 from an earlier run of the same
+arguments instead of training it again (checked against them; its wall time counts in the card).
 
 ``--method fixmatch`` replaces the rounds by FixMatch (Sohn et al., NeurIPS 2020) continued from the round-0 model
 (``train_fixmatch``): every step the model labels the weak views (translate, flip) of 7 unlabelled images per
@@ -601,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vgg", choices=sorted(ARCHITECTURES))
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights"))
+    parser.add_argument(
+        "--out", default="reference_model_runs", help="folder for weights and cards (the committed ones: weights/)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--epochs",
