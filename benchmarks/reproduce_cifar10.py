@@ -13,6 +13,7 @@ every failure source and on the mixed streams. ``--collect-only`` stops after th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -114,6 +115,31 @@ def _clean_cache(args: argparse.Namespace, name: str) -> tuple[Path, bool]:
 
 
 CACHE_PARTS = ("clean", "attacks", "corruptions")
+
+
+def _cached_parts(args: argparse.Namespace, name: str) -> list[Path]:
+    """This model's cache files (``<name>-clean*``, ``-attacks*``, ``-corruptions*`` and its build times; never
+    those of a model whose name merely starts with ``name``)."""
+    folder = Path(args.out) / "cache"
+    parts = [p for part in CACHE_PARTS for p in sorted(folder.glob(f"{name}-{part}*.safetensors"))]
+    return parts + [p for p in [_timing_path(args, name)] if p.exists()]
+
+
+def match_cache_to_weights(args: argparse.Namespace, name: str, weights: Path, say) -> None:
+    """Drop this model's cached features when they were not built from these weights (another SHA-256, or none
+    recorded), then record the weights' SHA-256: a retrained model is never scored on its predecessor's features."""
+    record = Path(args.out) / "cache" / f"{name}-weights.json"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    built_from = json.loads(record.read_text()).get("sha256") if record.exists() else None
+    if built_from != digest:
+        stale = _cached_parts(args, name)
+        if stale:
+            why = "other weights" if built_from else "weights it did not record"
+            say(f"cache built from {why}: removing {len(stale)} files, rebuilding from {weights.name}")
+        for path in stale:
+            path.unlink()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"weights": weights.name, "sha256": digest}, indent=2))
 
 
 def _timing_path(args: argparse.Namespace, name: str) -> Path:
@@ -322,6 +348,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     name = info["name"]
     say = lambda m: print(f"[{name}] {time.strftime('%H:%M:%S')} {m}", flush=True)  # noqa: E731
     t0 = time.perf_counter()
+    match_cache_to_weights(args, name, path, say)
     data = collect_cached(model, name, args, splits, ood, say)
     data.sources += corruption_sources(corruptions_cached(model, name, args, splits, say), data.train.blocks)
     t_collect = time.perf_counter() - t0
@@ -876,6 +903,7 @@ def main() -> None:
         if args.collect_only:
             model, info = load_reference(w)
             say = lambda m, name=info["name"]: print(f"[{name}] {time.strftime('%H:%M:%S')} {m}", flush=True)  # noqa: E731
+            match_cache_to_weights(args, info["name"], w, say)
             collect_cached(model, info["name"], args, splits, ood, say)
             corruptions_cached(model, info["name"], args, splits, say)
             continue

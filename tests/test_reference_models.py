@@ -413,6 +413,7 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     assert [r["pseudo_labelled"] for r in semi["rounds"]] == [pytest.approx(135, abs=10), 270]
     for card in (base, semi):
         assert 0 <= card["test_accuracy"] <= 1 and card["command"].startswith("python")
+        assert card["seconds_launch_to_card"] > card["seconds"] > 0  # the card's wall time covers data and evaluation
         loaded = load_reference_model(out / f"{card['name']}.safetensors")  # --limit keeps all 200 test images
         expected = accuracy(loaded, x_test, y_test, torch.device("cpu"), tta=True, bf16=False, translate=True)
         assert card["test_accuracy_flip_translate_tta"] == round(expected, 4)

@@ -43,6 +43,33 @@ def test_cache_build_seconds_are_summed_only_when_every_part_was_timed(tmp_path)
     assert page.cache_build_seconds(args, "m") == pytest.approx(150.0)
 
 
+def test_cache_is_rebuilt_when_the_weights_change_and_only_that_models(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path))
+    cache, weights = tmp_path / "cache", tmp_path / "resnet9.safetensors"
+    cache.mkdir()
+
+    def build(name: str) -> list:
+        files = [cache / f"{name}-{part}.safetensors" for part in ("clean-train20000", "attacks200", "corruptions500")]
+        for f in files:
+            f.write_bytes(b"features")
+        page.record_build(args, name, "clean", 1.0)
+        return files
+
+    own, neighbour = build("resnet9"), build("resnet9-whitened")  # a name that merely starts with the other
+    messages = []
+    weights.write_bytes(b"weights v1")
+    page.match_cache_to_weights(args, "resnet9", weights, messages.append)
+    assert not any(f.exists() for f in own) and "did not record" in messages[-1]  # unknown origin: never reused
+    assert all(f.exists() for f in neighbour) and (cache / "resnet9-whitened-build-seconds.json").exists()
+    own = build("resnet9")
+    page.match_cache_to_weights(args, "resnet9", weights, messages.append)
+    assert all(f.exists() for f in own) and len(messages) == 1  # same weights: the cache serves
+    weights.write_bytes(b"weights v2")  # retrained
+    page.match_cache_to_weights(args, "resnet9", weights, messages.append)
+    assert not any(f.exists() for f in own) and "other weights" in messages[-1]
+    assert page.cache_build_seconds(args, "resnet9") is None and all(f.exists() for f in neighbour)
+
+
 def test_regeneration_time_adds_up_or_says_what_is_missing():
     runs = [
         {"name": "a", "seconds": 700.0, "collect_seconds": 100.0, "cache_build_seconds": 300.0},

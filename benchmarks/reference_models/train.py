@@ -546,6 +546,7 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "torch": torch.__version__,
         "python": platform.python_version(),
         **result,
+        "seconds_launch_to_card": round(time.perf_counter() - args.started, 1),  # data, training, evaluation
         "val_accuracy": round(val_views["plain"], 4),
         "val_accuracy_flip_tta": round(val_views["flip"], 4),
         "val_accuracy_flip_translate_tta": round(val_views["flip+translate"], 4),
@@ -690,6 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.started = time.perf_counter()
     args.command = shlex.join(["python", "benchmarks/reference_models/train.py", *argv])
     if not args.semi and (args.labelled_model or args.round_min_steps):
         parser.error("--labelled-model and --round-min-steps need --semi")
