@@ -4,6 +4,7 @@ The default initialisation seeds float32 rows from bfloat16 distance products on
 (``featurefail.gmm.initialisation.bfloat16_seeding``). This script fits ``DiagonalGMM`` (K components, default
 settings otherwise) on the penultimate features of a ``benchmarks/reproduce_cifar10.py`` cache, raw and
 L2-normalised, once with each seeding precision per seed, and prints the final mean log-likelihoods side by side.
+The cache is read as given: ``OUT/cache/<model>-weights.json`` names the weights it was built from.
 
 Usage::
 

@@ -2,12 +2,15 @@
 
     python benchmarks/reproduce_cifar10.py --data-dir /work/shared/data --out results/
 
-For every model in ``benchmarks/cifar10/weights/*.safetensors``: features (``layer="auto"``: the penultimate
+For every model in ``benchmarks/reference_models/weights/*.safetensors`` (``--weights``; each card's ``name`` must
+be its file's stem): features (``layer="auto"``: the penultimate
 layer and two earlier stage ends) of the 45,000/5,000/10,000 train/validation/test splits, FGSM and BIM at
 ε ∈ {1, 2, 4, 8}/255 and the corruptions of :mod:`featurefail.corruptions` (severities 1–5) on a seeded subset of
 the test images, and the OOD sets are extracted once and cached in ``OUT/cache/``; then every row ("default",
 "paper", scorer names) is fitted on the training features (and the validation split) for each seed and scored on
-every failure source and on the mixed streams. ``--collect-only`` stops after the caches.
+every failure source and on the mixed streams. ``--collect-only`` stops after the caches. Cached features and a
+saved ``OUT/<model>/run.json`` are used only when they were made from the same weights file (its SHA-256, kept in
+``OUT/cache/<model>-weights.json`` and in ``run.json``); caches and runs made before these records are rebuilt.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,18 +122,24 @@ CACHE_PARTS = ("clean", "attacks", "corruptions")
 
 
 def _cached_parts(args: argparse.Namespace, name: str) -> list[Path]:
-    """This model's cache files (``<name>-clean*``, ``-attacks*``, ``-corruptions*`` and its build times; never
-    those of a model whose name merely starts with ``name``)."""
+    """This model's cache files (``<name>-clean[-trainN]``, ``-attacksN``, ``-corruptionsN`` and its build times;
+    never those of a model whose name merely starts with ``name``)."""
     folder = Path(args.out) / "cache"
-    parts = [p for part in CACHE_PARTS for p in sorted(folder.glob(f"{name}-{part}*.safetensors"))]
+    part = re.compile(rf"{re.escape(name)}-(clean(-train\d+)?|attacks\d+|corruptions\d+)\.safetensors")
+    parts = sorted(p for p in folder.glob("*.safetensors") if part.fullmatch(p.name))
     return parts + [p for p in [_timing_path(args, name)] if p.exists()]
 
 
-def match_cache_to_weights(args: argparse.Namespace, name: str, weights: Path, say) -> None:
+def weights_sha256(weights: Path) -> str:
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def match_cache_to_weights(args: argparse.Namespace, name: str, weights: Path, say) -> str:
     """Drop this model's cached features when they were not built from these weights (another SHA-256, or none
-    recorded), then record the weights' SHA-256: a retrained model is never scored on its predecessor's features."""
+    recorded), then record the weights' SHA-256 and return it: a retrained model is never scored on its
+    predecessor's features."""
     record = Path(args.out) / "cache" / f"{name}-weights.json"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = weights_sha256(weights)
     built_from = json.loads(record.read_text()).get("sha256") if record.exists() else None
     if built_from != digest:
         stale = _cached_parts(args, name)
@@ -140,6 +150,7 @@ def match_cache_to_weights(args: argparse.Namespace, name: str, weights: Path, s
             path.unlink()
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"weights": weights.name, "sha256": digest}, indent=2))
+    return digest
 
 
 def _timing_path(args: argparse.Namespace, name: str) -> Path:
@@ -348,7 +359,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     name = info["name"]
     say = lambda m: print(f"[{name}] {time.strftime('%H:%M:%S')} {m}", flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    match_cache_to_weights(args, name, path, say)
+    digest = match_cache_to_weights(args, name, path, say)
     data = collect_cached(model, name, args, splits, ood, say)
     data.sources += corruption_sources(corruptions_cached(model, name, args, splits, say), data.train.blocks)
     t_collect = time.perf_counter() - t0
@@ -367,6 +378,7 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     result.to_json(summary / "result.json")
     run = {
         "name": name,
+        "weights_sha256": digest,
         "info": info,
         "layers": data.layers,
         "seconds": time.perf_counter() - t0,
@@ -383,10 +395,16 @@ def run_model(path: Path, args: argparse.Namespace, splits, ood) -> dict:
     return {**run, "result": result}
 
 
-def load_run(summary: Path) -> dict | None:
+def load_run(summary: Path, weights: Path | None = None) -> dict | None:
+    """The saved run of one model, or None when there is none or (``weights`` given) it was not made from these
+    weights (another SHA-256, or none recorded): a retrained model's old results are never rendered as its own."""
     if not (summary / "run.json").exists():
         return None
-    return {**json.loads((summary / "run.json").read_text()), "result": EvalResult.from_json(summary / "result.json")}
+    run = json.loads((summary / "run.json").read_text())
+    if weights is not None and run.get("weights_sha256") != weights_sha256(weights):
+        print(f"[{summary.name}] {summary / 'run.json'} was not made from {weights}: not rendered", flush=True)
+        return None
+    return {**run, "result": EvalResult.from_json(summary / "result.json")}
 
 
 def _short(source: str) -> str:
@@ -519,7 +537,8 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         f"Generated by `python benchmarks/reproduce_cifar10.py --data-dir {args.data_dir} --out {args.out} "
         f"--seeds {max(seeds)}` "
         "(features, attacks and corruptions cached in `OUT/cache/`; `--models NAME ...` recomputes only those "
-        "models, the others come from `OUT/<model>/run.json`) — do not edit by hand.",
+        "models, the others come from `OUT/<model>/run.json`; both only when made from the same weights file, by its "
+        "SHA-256) — do not edit by hand.",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads (shared with other jobs), torch "
         f"{torch.__version__}. Wall time per model below (feature extraction, attacks and corruptions, then "
@@ -528,7 +547,8 @@ def write_results_page(runs: list[dict], path: Path, args: argparse.Namespace, t
         "",
         *(
             [
-                f"Not run yet (no `OUT/<model>/run.json`; CPU budget of this session): {', '.join(args.not_run)}.",
+                "Not run yet (no `OUT/<model>/run.json` made from its current weights; CPU budget of this "
+                f"session): {', '.join(args.not_run)}.",
                 "",
             ]
             if getattr(args, "not_run", None)
@@ -702,7 +722,7 @@ def paper_claims_section(runs: list[dict]) -> list[str]:
         mw = result.mann_whitney.get("paper")
         if mw:
             ok = mw["pvalue"] < 0.01 and mw["auroc"] > 0.5
-            p_text = f"p = {mw['pvalue']:.1e}" if mw["pvalue"] > 0 else "p < 1e-300 (below float64)"
+            p_text = "p < 1e-300 (below float64)" if mw["pvalue"] == 0 else f"p = {mw['pvalue']:.1e}"
             text = f"{p_text}, AUROC {100 * mw['auroc']:.1f}"
             claims.setdefault(
                 "Misclassified test inputs have lower likelihood (one-sided Mann–Whitney, p < 0.01)", []
@@ -894,8 +914,11 @@ def main() -> None:
     weights = sorted(Path(args.weights).glob("*.safetensors"))
     runs = []
     for w in weights:
+        card_name = json.loads(w.with_suffix(".json").read_text()).get("name")
+        if card_name != w.stem:  # caches and runs are keyed by the card's name, --models by the file's
+            parser.error(f"{w.with_suffix('.json')} names the model {card_name!r}; rename it {w.stem!r}")
         if args.models is not None and w.stem not in args.models:
-            previous = load_run(Path(args.out) / w.stem)
+            previous = load_run(Path(args.out) / w.stem, weights=w)
             if previous is not None:  # the run's card, plus fields added to the card since (e.g. its baseline)
                 card = json.loads(w.with_suffix(".json").read_text())
                 runs.append({**previous, "info": {**card, **previous["info"]}})

@@ -14,7 +14,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
 from architectures import ARCHITECTURES, Residual, WhitenedResNet9, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
-from train import Recipe, accuracy, mix_batch, mixed_cross_entropy, predict, pseudo_labels, train, triangle
+from train import (
+    Recipe,
+    accuracy,
+    build_parser,
+    mix_batch,
+    mixed_cross_entropy,
+    predict,
+    pseudo_labels,
+    train,
+    triangle,
+)
 from train import main as train_main
 from tta_study import main as tta_study_main
 
@@ -167,6 +177,14 @@ def test_committed_reference_weights_load_strictly(path):
 
 def test_committed_weights_are_found():
     assert {p.stem for p in COMMITTED_WEIGHTS} >= {"vgg", "vgg-tanh", "resnet9", "resnet9-whitened"}
+    for path in COMMITTED_WEIGHTS:  # the results page keys caches and runs by the card's name, --models by the file's
+        assert json.loads(path.with_suffix(".json").read_text())["name"] == path.stem
+
+
+def test_default_output_folder_is_ignored_and_never_the_committed_weights():
+    out = Path(build_parser().parse_args(["--data-dir", "x"]).out)
+    root = Path(__file__).parents[1]
+    assert out == root / "reference_model_runs" and f"/{out.name}/" in (root / ".gitignore").read_text()
 
 
 @pytest.mark.parametrize("net", [WhitenedVGG, WhitenedResNet9])

@@ -4,7 +4,9 @@ in the header, and the "what the held-out data support" table, on hand-made resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -45,29 +47,54 @@ def test_cache_build_seconds_are_summed_only_when_every_part_was_timed(tmp_path)
 
 def test_cache_is_rebuilt_when_the_weights_change_and_only_that_models(tmp_path):
     args = argparse.Namespace(out=str(tmp_path))
-    cache, weights = tmp_path / "cache", tmp_path / "resnet9.safetensors"
+    cache, weights, neighbour_weights = tmp_path / "cache", tmp_path / "resnet9.st", tmp_path / "resnet9-whitened.st"
     cache.mkdir()
+    parts = ("clean", "clean-train20000", "attacks200", "corruptions500")
 
     def build(name: str) -> list:
-        files = [cache / f"{name}-{part}.safetensors" for part in ("clean-train20000", "attacks200", "corruptions500")]
+        files = [cache / f"{name}-{part}.safetensors" for part in parts]
         for f in files:
             f.write_bytes(b"features")
-        page.record_build(args, name, "clean", 1.0)
-        return files
+        for part in ("clean", "attacks", "corruptions"):
+            page.record_build(args, name, part, 1.0)
+        return [*files, cache / f"{name}-build-seconds.json"]
 
-    own, neighbour = build("resnet9"), build("resnet9-whitened")  # a name that merely starts with the other
     messages = []
+    neighbour = build("resnet9-whitened")  # a name that merely starts with the other's
+    neighbour_weights.write_bytes(b"other model")
+    page.match_cache_to_weights(args, "resnet9-whitened", neighbour_weights, messages.append)
+    neighbour = [*build("resnet9-whitened"), cache / "resnet9-whitened-weights.json"]
+    own = build("resnet9")
     weights.write_bytes(b"weights v1")
-    page.match_cache_to_weights(args, "resnet9", weights, messages.append)
+    messages.clear()
+    digest = page.match_cache_to_weights(args, "resnet9", weights, messages.append)
+    assert digest == hashlib.sha256(b"weights v1").hexdigest()
     assert not any(f.exists() for f in own) and "did not record" in messages[-1]  # unknown origin: never reused
-    assert all(f.exists() for f in neighbour) and (cache / "resnet9-whitened-build-seconds.json").exists()
+    assert all(f.exists() for f in neighbour)
     own = build("resnet9")
     page.match_cache_to_weights(args, "resnet9", weights, messages.append)
     assert all(f.exists() for f in own) and len(messages) == 1  # same weights: the cache serves
     weights.write_bytes(b"weights v2")  # retrained
     page.match_cache_to_weights(args, "resnet9", weights, messages.append)
     assert not any(f.exists() for f in own) and "other weights" in messages[-1]
-    assert page.cache_build_seconds(args, "resnet9") is None and all(f.exists() for f in neighbour)
+    assert all(f.exists() for f in neighbour)
+    page.match_cache_to_weights(args, "resnet9-whitened", neighbour_weights, messages.append)
+    assert all(f.exists() for f in neighbour) and len(messages) == 2  # its record survived: nothing rebuilt
+
+
+def test_a_saved_run_is_rendered_only_for_the_weights_it_was_made_from(tmp_path):
+    weights, summary = tmp_path / "vgg.safetensors", tmp_path / "vgg"
+    summary.mkdir()
+    EvalResult().to_json(summary / "result.json")
+    weights.write_bytes(b"weights v1")
+    run = {"name": "vgg", "seconds": 1.0}
+    (summary / "run.json").write_text(json.dumps(run))
+    assert page.load_run(summary) is not None  # no weights to check against: as saved
+    assert page.load_run(summary, weights=weights) is None  # made before runs recorded their weights
+    (summary / "run.json").write_text(json.dumps({**run, "weights_sha256": page.weights_sha256(weights)}))
+    assert page.load_run(summary, weights=weights)["seconds"] == 1.0
+    weights.write_bytes(b"weights v2")  # retrained, page not rerun
+    assert page.load_run(summary, weights=weights) is None
 
 
 def test_regeneration_time_adds_up_or_says_what_is_missing():

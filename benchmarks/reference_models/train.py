@@ -546,7 +546,9 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "torch": torch.__version__,
         "python": platform.python_version(),
         **result,
-        "seconds_launch_to_card": round(time.perf_counter() - args.started, 1),  # data, training, evaluation
+        # from main()'s start (after the interpreter and imports): data, training, evaluation; with --labelled-model
+        # this process only, where "seconds" includes the loaded round 0's training
+        "seconds_launch_to_card": round(time.perf_counter() - args.started, 1),
         "val_accuracy": round(val_views["plain"], 4),
         "val_accuracy_flip_tta": round(val_views["flip"], 4),
         "val_accuracy_flip_translate_tta": round(val_views["flip+translate"], 4),
@@ -599,12 +601,15 @@ def load_round_zero(path: Path, args, device: torch.device, copy_to: Path) -> tu
     return load_reference_model(path).to(device), info
 
 
+RUNS = Path(__file__).resolve().parents[2] / "reference_model_runs"  # ignored by git; never the committed weights/
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vgg", choices=sorted(ARCHITECTURES))
     parser.add_argument("--data-dir", required=True)
     parser.add_argument(
-        "--out", default="reference_model_runs", help="folder for weights and cards (the committed ones: weights/)"
+        "--out", default=str(RUNS), help="folder for weights and cards (default %(default)s; committed: weights/)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
