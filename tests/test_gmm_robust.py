@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from featurefail import DiagonalGMM
@@ -106,3 +107,16 @@ def test_features_at_1e30_scale_fit_too():
     model = DiagonalGMM(3, random_state=0, max_iter=10).fit(x.float())
     assert math.isfinite(model.lower_bound_)
     assert torch.isfinite(model.score_samples(x.float())).all()
+
+
+def test_a_column_constant_up_to_ulp_jitter_is_not_scored_on_its_ulps():
+    """A saturated unit (tanh at 1.0) varies by an ulp or two: a floor relative to that jitter's own variance made
+    one ulp cost ~10⁵ nats, and the scores ranked the jitter instead of the informative columns."""
+    torch.manual_seed(0)
+    X = torch.randn(300, 4)
+    X[:, 0] = 0.4295
+    X[::3, 0] = torch.nextafter(torch.tensor(0.4295), torch.tensor(1.0))
+    with_jitter = DiagonalGMM(2, random_state=0).fit(X).score_samples(X)
+    informative = DiagonalGMM(2, random_state=0).fit(X[:, 1:]).score_samples(X[:, 1:])
+    assert scipy.stats.spearmanr(with_jitter, informative).statistic > 0.95
+    assert float(with_jitter.max() - with_jitter.min()) < 2 * float(informative.max() - informative.min())

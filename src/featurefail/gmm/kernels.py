@@ -159,15 +159,22 @@ def m_step(
     return weights, means, variances
 
 
-def variance_floor(variance: torch.Tensor, reg_covar: float) -> torch.Tensor:
-    """Per-dimension variance floor ``reg_covar · Var[x_d]``: ``(D,) -> (D,)``.
+def variance_floor(variance: torch.Tensor, reg_covar: float, mean_square: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-dimension variance floor ``reg_covar · Var[x_d] + (ε₃₂ · rms_d)²``: ``(D,) -> (D,)``.
 
-    A constant dimension has no scale of its own; it borrows the mean variance of the others (1.0 if all
-    dimensions are constant), so the floor stays positive and the log-likelihood finite.
+    ``variance`` is ``Var[x_d]``; ``mean_square`` (optional, ``(D,)``) is ``E[x_d²]``, the square of the column's
+    magnitude. The second term is the variance of float32 rounding at that magnitude (ε₃₂ = 2⁻²³): a column
+    that is constant up to a few ulps of jitter (a saturated tanh unit) would otherwise get a floor of
+    ``reg_covar`` times its jitter's variance, and one ulp off the mean would cost ~10⁵ nats. A constant dimension
+    has no scale of its own; it borrows the mean variance of the others (1.0 if all dimensions are constant),
+    so the floor stays positive and the log-likelihood finite.
     """
     positive = variance > 0
     fallback = variance[positive].mean() if bool(positive.any()) else variance.new_tensor(1.0)
-    return reg_covar * torch.where(positive, variance, fallback)
+    floor = reg_covar * torch.where(positive, variance, fallback)
+    if mean_square is not None:
+        floor = floor + torch.finfo(torch.float32).eps ** 2 * mean_square
+    return floor
 
 
 def column_scale(variance: torch.Tensor) -> torch.Tensor:
