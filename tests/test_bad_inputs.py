@@ -1527,6 +1527,110 @@ CASES = (
 CASES += CONCURRENCY + DEPLOYMENT
 
 
+class _NotTheGMM(Scorer):
+    def fit(self, features: Features, **context: Any) -> _NotTheGMM:
+        return self
+
+    def score(self, features: Features) -> torch.Tensor:
+        return torch.zeros(len(features))
+
+
+def _register_as_gmm(e: SimpleNamespace) -> Any:
+    from featurefail.scorers import register_scorer
+
+    return register_scorer("gmm")(_NotTheGMM)
+
+
+def _evaluate(e: SimpleNamespace, **kwargs: Any) -> Any:
+    from featurefail.evaluate import evaluate
+
+    return evaluate(e.model, (e.x, e.y), (e.x_val, e.y_val), (e.x, e.y), **kwargs)
+
+
+def _grid(e: SimpleNamespace, **kwargs: Any) -> Any:
+    from featurefail.purify import purification_grid
+
+    val = e.det.features(e.val)
+    return purification_grid(e.det, val, val, steps=1, **kwargs)
+
+
+def _fgsm(e: SimpleNamespace, eps: float) -> Any:
+    from featurefail.attacks import fgsm
+
+    return fgsm(e.model, e.x[:4].clamp(0, 1), e.y[:4], eps)
+
+
+def _refitted_k(e: SimpleNamespace) -> Any:
+    gmm = DiagonalGMM(2, random_state=0).fit(torch.randn(100, 3, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(5, 3)
+    before = gmm.score_samples(x)
+    gmm.set_params(n_components=5)  # applies to the next fit only, as in scikit-learn
+    return before, gmm.score_samples(x), gmm.state_dict()["n_components"]
+
+
+# found by a sweep of ~560 bad inputs on 2026-12-05 (each failed before its fix)
+SWEEP = [
+    err("attacks/fgsm eps NaN", lambda e: _fgsm(e, float("nan")), ValueError, "eps must be a finite number"),
+    err(
+        "evaluate/attack spec with eps NaN",
+        lambda e: _evaluate(e, attacks=("fgsm:nan",)),
+        ValueError,
+        "a finite eps > 0",
+    ),
+    err("evaluate/no seeds", lambda e: _evaluate(e, seeds=()), ValueError, "seeds is empty"),
+    err(
+        "evaluate/options for a row not run (typo)",
+        lambda e: _evaluate(e, scorers=("default",), scorer_options={"defualt": {"layer": None}}),
+        ValueError,
+        "'defualt', which is not one of the rows",
+    ),
+    err("scorers/register a name taken by a built-in", _register_as_gmm, ValueError, "'gmm' is taken by"),
+    err(
+        "metrics/ece label outside the classes",
+        lambda e: metrics.ece(torch.tensor([[5.0, 0.0, 0.0]]), torch.tensor([-1])),
+        ValueError,
+        r"labels must lie in \[0, 3\)",
+    ),
+    err("npz/negative limit", lambda e: NpzImages(npz(e, x=IMAGES), limit=-1), ValueError, "limit must be"),
+    err(
+        "npz/float images in 0-255",
+        lambda e: NpzImages(npz(e, x=np.full((3, 4, 4, 3), 200.0, np.float32))),
+        ValueError,
+        r"must lie in \[0, 1\]",
+    ),
+    err(
+        "npz/channels first",
+        lambda e: NpzImages(npz(e, x=np.zeros((3, 3, 8, 8), np.uint8))),
+        ValueError,
+        "channels first",
+    ),
+    err(
+        "npz/int64 images",
+        lambda e: NpzImages(npz(e, x=np.zeros((3, 4, 4, 3), np.int64))),
+        ValueError,
+        "must be uint8",
+    ),
+    err("purify/grid of no learning rate", lambda e: _grid(e, lrs=()), ValueError, "at least one value"),
+    ok(
+        "gmm/set_params after fit: scoring keeps the fitted K",
+        _refitted_k,
+        lambda r, e: same(r[0], r[1]) and r[2] == 2,
+    ),
+    ok(
+        "score/one (x, y) batch is that batch, not two batches",
+        lambda e: (e.det.score((e.x[:20], e.y[:20])), e.det.score(e.x[:20])),
+        lambda r, e: same(r[0], r[1]),
+    ),
+    ok(
+        "as_module/an empty batch gives empty outputs",
+        lambda e: e.det.as_module(threshold=0.0)(e.x[:0]),
+        lambda r, e: r[1].shape == (0,) and r[2].shape == (0,),
+    ),
+    err("save/to a folder", lambda e: e.det.save(e.folder), IsADirectoryError, "it is a folder"),
+]
+CASES += SWEEP
+
+
 def _param(case: Case) -> Any:
     marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
     return pytest.param(case, id=case.name, marks=marks)

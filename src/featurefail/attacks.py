@@ -9,6 +9,7 @@ the attack and gets its mode back afterwards; its parameters receive no gradient
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -42,8 +43,8 @@ def _loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     if x.min() < 0 or x.max() > 1:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,8 +128,8 @@ def parse_attack(spec: str) -> tuple[str, float]:
             eps = float(value)
     except ValueError:
         raise ValueError(f"attack must look like 'fgsm:0.03' or 'bim:8/255', got {spec!r}") from None
-    if kind not in ("fgsm", "bim") or eps <= 0:
-        raise ValueError(f"attack must be fgsm or bim with eps > 0, got {spec!r}")
+    if kind not in ("fgsm", "bim") or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"attack must be fgsm or bim with a finite eps > 0, got {spec!r}")
     return kind, eps
 
 
@@ -580,6 +581,20 @@ def _score_row(
             result.stream_sizes[stream] = (len(normal) + len(failed), len(failed))
 
 
+def _checked_options(
+    scorers: Sequence[str], scorer_options: Mapping[str, Mapping[str, Any]] | None, seeds: list[int]
+) -> dict[str, dict[str, Any]]:
+    """A copy of the per-row options, refusing options for a row that is not run (a typo would be ignored) and
+    an empty ``seeds``."""
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed, e.g. seeds=(0,)")
+    options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+    unknown = sorted(set(options) - set(scorers))
+    if unknown:
+        raise ValueError(f"scorer_options names {unknown[0]!r}, which is not one of the rows {list(scorers)}")
+    return options
+
+
 def evaluate_features(
     data: EvalData,
     *,
@@ -606,7 +621,8 @@ def evaluate_features(
     the same fitted fusion).
     """
     say = progress or (lambda message: None)
-    options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+    seeds = list(seeds)
+    options = _checked_options(scorers, scorer_options, seeds)
     streams = {k: list(v) for k, v in (streams or {}).items()}
     derived = dict(derived or {})
     bad = [label for label, (base, _) in derived.items() if base not in scorers or label in scorers]
@@ -710,7 +726,7 @@ def evaluate(
     Returns:
         :class:`EvalResult`.
     """
-    options = {k: dict(v) for k, v in (scorer_options or {}).items()}
+    options = _checked_options(scorers, scorer_options, list(seeds))
     detectors = [detector_for(name, options.get(name)) for name in scorers]
     layers = [d.config.layer for d in detectors]
     if "auto" in layers:

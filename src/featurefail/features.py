@@ -183,14 +183,29 @@ def n_rows(x: Any) -> int | None:
     return None
 
 
+def is_xy_batch(x: Any) -> bool:
+    """True for one ``(x, y)`` batch as ``next(iter(loader))`` gives it — a tuple or list of an input tensor
+    ``(N, ...)`` and one integer label per row ``(N,)`` — rather than a list of two batches (a 1-D integer
+    tensor is not a batch of model inputs)."""
+    return (
+        isinstance(x, tuple | list)
+        and len(x) == 2
+        and all(isinstance(t, torch.Tensor) for t in x)
+        and x[0].ndim >= 1
+        and x[1].ndim == 1
+        and not (x[1].is_floating_point() or x[1].is_complex())
+        and x[1].shape[0] == x[0].shape[0]
+    )
+
+
 def iter_batches(x: Any, batch_size: int) -> Iterable:
     """Batches for :func:`extract_features` from what ``score()``/``detect()`` receive.
 
-    A tensor ``(N, ...)`` is split into chunks of ``batch_size`` rows; a mapping batch (keyword arguments,
-    possibly with labels) or :class:`~featurefail.hooks.ModelInputs` has every tensor whose first axis is ``N``
-    split alike (other values repeated in every chunk); anything else is taken as an iterable of batches (a
-    DataLoader, a list) and returned as it is. An empty tensor or mapping gives no batch (check :func:`n_rows`
-    first to return an empty result).
+    A tensor ``(N, ...)`` is split into chunks of ``batch_size`` rows; a mapping batch (keyword arguments, possibly
+    with labels) or :class:`~featurefail.hooks.ModelInputs` has every tensor whose first axis is ``N`` split alike
+    (other values repeated in every chunk); one ``(x, y)`` batch (:func:`is_xy_batch`) is that one batch; anything
+    else is taken as an iterable of batches (a DataLoader, a list) and returned as it is. An empty tensor or mapping
+    gives no batch (check :func:`n_rows` first to return an empty result).
 
     Raises:
         TypeError: for a value that is neither a batch nor an iterable (a string, a number).
@@ -212,6 +227,8 @@ def iter_batches(x: Any, batch_size: int) -> Iterable:
             return map_tensors(x, lambda t: t[start : start + batch_size] if t.ndim and t.shape[0] == rows else t)
 
         return [chunk(start) for start in range(0, rows, batch_size)]
+    if is_xy_batch(x):
+        return [tuple(x)]
     if isinstance(x, str | bytes | int | float) or not isinstance(x, Iterable):
         raise TypeError(f"cannot score a {type(x).__name__}: pass a tensor, a batch mapping or an iterable of batches")
     return x

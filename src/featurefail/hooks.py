@@ -227,6 +227,11 @@ def find_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module
 # ---- pooling --------------------------------------------------------------------------------------------------
 
 
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(N, ...) -> (N, prod(...))``, also for ``N = 0`` (where ``reshape(0, -1)`` is ambiguous)."""
+    return t.flatten(1) if t.ndim > 1 else t.reshape(-1, 1)
+
+
 def pool_features(t: torch.Tensor, pool: Pool, layout: str | None = None) -> torch.Tensor:
     """Turn an activation into ``(N, D)`` features.
 
@@ -236,7 +241,7 @@ def pool_features(t: torch.Tensor, pool: Pool, layout: str | None = None) -> tor
     flattens all but the batch axis; ``None`` requires 2-D.
     """
     if pool == "flatten":
-        return t.reshape(t.shape[0], -1)
+        return _flat_rows(t)
     if pool is None:
         if t.ndim != 2:
             raise ValueError(f"the hooked activation has shape {tuple(t.shape)}; use pool='avg' or 'flatten'")
@@ -244,7 +249,7 @@ def pool_features(t: torch.Tensor, pool: Pool, layout: str | None = None) -> tor
     if pool != "avg":
         raise ValueError(f"pool must be 'avg', 'flatten' or None, got {pool!r}")
     if t.ndim <= 2 or layout == "flat":
-        return t.reshape(t.shape[0], -1)
+        return _flat_rows(t)
     if layout == "channels_last":
         return t.mean(dim=tuple(range(1, t.ndim - 1)))
     if layout == "cls":

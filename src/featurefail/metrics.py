@@ -160,6 +160,9 @@ def ece(logits: Any, labels: Any, n_bins: int = 10) -> float:
         raise ValueError("ece needs at least one sample")
     if not torch.isfinite(z).all():
         raise ValueError(f"logits hold NaN or infinite values in {int((~torch.isfinite(z)).any(1).sum())} row(s)")
+    if bool(((y < 0) | (y >= z.shape[1])).any()):
+        bad = sorted({int(v) for v in y[(y < 0) | (y >= z.shape[1])]})[:5]
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}) (one per logit column); got {bad}")
     conf, pred = torch.softmax(z, dim=1).max(dim=1)
     hit = (pred == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)

@@ -53,7 +53,9 @@ class NpzImages:
         path: the ``.npz`` file.
         size: output height and width, or None to keep.
         channels: output channels, or None to keep.
-        limit: keep only the first ``limit`` images.
+        limit: keep only the first ``limit`` images (an int >= 0).
+
+    ``x`` must be uint8 (0–255) or float in [0, 1], channels last; anything else is refused, not rescaled.
 
     Attributes:
         images: ``(N, C, H, W)`` float32 in [0, 1].
@@ -63,6 +65,8 @@ class NpzImages:
     def __init__(
         self, path: str | Path, size: int | None = None, channels: int | None = None, limit: int | None = None
     ) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
         try:
             data = np.load(path, allow_pickle=False)
         except ValueError as exc:  # numpy calls any non-zip file "pickled data"; nothing is unpickled here
@@ -83,8 +87,18 @@ class NpzImages:
             raise ValueError(f"{path}: x holds NaN or infinite values")
         if x.ndim == 3:
             x = x[..., None]
-        if x.ndim != 4:
-            raise ValueError(f"{path}: x must be (N, H, W, C) or (N, H, W), got shape {x.shape}")
+        if x.ndim != 4 or x.shape[-1] > 4:
+            raise ValueError(
+                f"{path}: x must be (N, H, W, C) with C <= 4 or (N, H, W), got shape {x.shape}"
+                + (" (channels first? move the channel axis last)" if x.ndim == 4 and x.shape[1] <= 4 else "")
+            )
+        if x.dtype != np.uint8 and x.dtype.kind != "f":
+            raise ValueError(f"{path}: x must be uint8 (0-255) or float in [0, 1], got {x.dtype}")
+        if x.dtype.kind == "f" and x.size and (x.min() < 0 or x.max() > 1):
+            raise ValueError(
+                f"{path}: float images must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}] "
+                "(0-255 values: store uint8 or divide by 255)"
+            )
         images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
         if x.dtype == np.uint8:
             images /= 255.0

@@ -45,6 +45,8 @@ def save_detector(detector: FailureDetector, fitted: Any, path: str | Path) -> N
     folder = Path(path).parent
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot save the detector to {path}: the folder {folder} does not exist")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"cannot save the detector to {path}: it is a folder; give a file name in it")
     if fitted.head_weight is not None and fitted.head_bias is not None:
         tensors["head.weight"] = fitted.head_weight.contiguous()
         tensors["head.bias"] = fitted.head_bias.contiguous()

@@ -324,6 +324,9 @@ def purification_grid(
     for name, f in (("val", val), ("test", test)):
         if f.labels is None:
             raise ValueError(f"the {name} features need labels")
+    lrs, nus = list(lrs), list(nus)
+    if not lrs or not nus:
+        raise ValueError(f"lrs and nus must each hold at least one value, got lrs={lrs} and nus={nus}")
     grid = PurificationGrid()
     for lr, nu in itertools.product(lrs, nus):
         v = _counts(purify(detector, val, lr=lr, nu=nu, steps=steps, head=head), val.labels)

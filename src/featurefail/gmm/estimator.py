@@ -394,8 +394,9 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
     def _component_log_prob_chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """:func:`rescored_log_prob` chunk by chunk: ``(n, K)`` float64 each."""
         p = self.scoring_parameters()
-        chunk = self.chunk_size or auto_chunk_size(self.n_components, self.n_features_in_, self.device_, self.dtype)
-        top = min(EXACT_TOP, self.n_components)
+        k = self.means_.shape[0]  # the fitted K: set_params(n_components=...) only applies to the next fit
+        chunk = self.chunk_size or auto_chunk_size(k, self.n_features_in_, self.device_, self.dtype)
+        top = min(EXACT_TOP, k)
         for piece in torch.split(x, chunk):
             yield rescored_log_prob(piece, top=top, **p)
 
@@ -460,7 +461,7 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             "covariances": self.covariances_.detach().cpu(),
             "center": self.center_.detach().cpu(),
             "lower_bounds": torch.tensor(self.lower_bounds_, dtype=torch.float64),
-            "n_components": int(self.n_components),
+            "n_components": int(self.means_.shape[0]),
             "converged": bool(self.converged_),
             "n_iter": int(self.n_iter_),
             "lower_bound": float(self.lower_bound_),

@@ -221,11 +221,20 @@ _REGISTRY: dict[str, type[Scorer]] = {}
 
 
 def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
-    """Class decorator: make a :class:`Scorer` subclass available as ``FailureDetector(scorer=name)``."""
+    """Class decorator: make a :class:`Scorer` subclass available as ``FailureDetector(scorer=name)``.
+
+    A name already taken by another class is refused (replacing ``"gmm"`` would change every default detector in
+    the process); the same class defined again (a reloaded module) replaces its earlier definition."""
 
     def add(cls: type[Scorer]) -> type[Scorer]:
         if not (isinstance(cls, type) and issubclass(cls, Scorer)):
             raise TypeError(f"{cls!r} must subclass featurefail.scorers.Scorer to be registered")
+        taken = _REGISTRY.get(name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(
+                f"scorer name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; register "
+                f"{cls.__qualname__} under another name"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
