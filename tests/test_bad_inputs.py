@@ -1095,6 +1095,12 @@ SAVE_LOAD = [
         ValueError,
         "damaged classifier head",
     ),
+    err(
+        "load/head narrower than the one layer's features",
+        lambda e: load(e.tamper(tensors={"head.weight": torch.zeros(3, 4)})),
+        ValueError,
+        "damaged classifier head",
+    ),
     err("load/n_features 'abc'", lambda e: load(e.tamper({"n_features": "abc"})), ValueError, DAMAGED),
     err("load/n_features 0", lambda e: load(e.tamper({"n_features": "0"})), ValueError, "n_features must be positive"),
     err("load/format version 1", lambda e: load(e.tamper({"format_version": "1"})), ValueError, "format version 1"),
@@ -1627,6 +1633,15 @@ SWEEP = [
         lambda r, e: r[1].shape == (0,) and r[2].shape == (0,),
     ),
     err("save/to a folder", lambda e: e.det.save(e.folder), IsADirectoryError, "it is a folder"),
+    ok(
+        "purify/head as (weight, bias), as fit_features takes it",
+        lambda e: (
+            e.det.purify(e.x[:5], steps=2, head=(e.det.head_weight_, e.det.head_bias_)).logits,
+            e.det.purify(e.x[:5], steps=2).logits,
+        ),
+        lambda r, e: same(r[0], r[1]),
+    ),
+    err("purify/head of another type", lambda e: e.det.purify(e.x[:5], steps=2, head=3), TypeError, "head must be"),
 ]
 CASES += SWEEP
 

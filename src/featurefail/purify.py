@@ -24,7 +24,7 @@ from .scorers.per_layer import PerLayer
 
 __all__ = ["GridRow", "PurificationGrid", "PurifyResult", "bpd_gradient", "purification_grid", "purify"]
 
-Head = Callable[[torch.Tensor], torch.Tensor]
+Head = Callable[[torch.Tensor], torch.Tensor] | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -89,14 +89,20 @@ def _density_and_head(detector: Any, head: Head | None) -> tuple[nn.Module, Head
         if detector.head_weight_ is None:
             raise ValueError(
                 "the hooked layer is not the input of the classifier head, so there is no head to re-classify "
-                "with; pass head=callable mapping features (N, D) to logits (N, C)"
+                "with; pass head=callable mapping features (N, D) to logits (N, C), or head=(weight, bias)"
             )
-        weight, bias = detector.head_weight_, detector.head_bias_
+        head = (detector.head_weight_, detector.head_bias_)
+    if isinstance(head, tuple | list):  # (weight (C, D), bias (C,)), as fit_features takes it
+        if not (len(head) == 2 and all(isinstance(t, torch.Tensor) for t in head)):
+            raise TypeError("head must be a callable features -> logits or a pair of tensors (weight, bias)")
+        weight, bias = head
 
         def linear_head(f: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.linear(f, weight.to(f), bias.to(f))
 
         head = linear_head
+    elif not callable(head):
+        raise TypeError(f"head must be a callable features -> logits or (weight, bias), got {type(head).__name__}")
     return scorer.bpd_module(), head, columns
 
 
@@ -131,7 +137,8 @@ def purify(
         lr: the largest step size ``ε``.
         nu: pull ``ν`` toward the original features (``ν = 0``: pure likelihood ascent).
         steps: gradient steps (the paper: 100).
-        head: callable features -> logits; default the classifier head (W, b) found by the hook.
+        head: callable features -> logits, or ``(weight (C, D), bias (C,))``; default the classifier head
+            ``(W, b)`` found by the hook.
         batch_size: rows optimised at once.
         history: also return the BPD after every step.
         max_halvings: backtracking halvings tried per step.
