@@ -112,8 +112,7 @@ def test_features_at_1e30_scale_fit_too():
 def test_a_column_constant_up_to_ulp_jitter_is_not_scored_on_its_ulps():
     """A saturated unit (tanh at 1.0) varies by an ulp or two: a floor relative to that jitter's own variance made
     one ulp cost ~10⁵ nats, and the scores ranked the jitter instead of the informative columns."""
-    torch.manual_seed(0)
-    X = torch.randn(300, 4)
+    X = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
     X[:, 0] = 0.4295
     X[::3, 0] = torch.nextafter(torch.tensor(0.4295), torch.tensor(1.0))
     with_jitter = DiagonalGMM(2, random_state=0).fit(X).score_samples(X)

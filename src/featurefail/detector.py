@@ -35,7 +35,7 @@ from .distributed import (
     total_rows,
 )
 from .exceptions import NotFittedError
-from .features import Features, extract_features, iter_batches, n_rows
+from .features import Features, extract_features, is_xy_batch, iter_batches, n_rows
 from .hooks import FeatureHook, HookPlan, describe
 from .scorers.base import ModelContext, Scorer, scorer_class
 from .scorers.per_layer import PerLayer
@@ -256,6 +256,8 @@ class FailureDetector:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(loader, Iterable) or isinstance(loader, str | bytes):
             raise TypeError(f"loader must be an iterable of batches (DataLoader, list); got {type(loader).__name__}")
+        if is_xy_batch(loader):  # one (x, y) batch, as score() takes it
+            loader = iter_batches(loader, self.config.batch_size)
         scorer = self.new_scorer()
         hook = self._hook(model, self.config.layer)
 

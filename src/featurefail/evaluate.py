@@ -726,7 +726,8 @@ def evaluate(
     Returns:
         :class:`EvalResult`.
     """
-    options = _checked_options(scorers, scorer_options, list(seeds))
+    seeds = list(seeds)
+    options = _checked_options(scorers, scorer_options, seeds)
     detectors = [detector_for(name, options.get(name)) for name in scorers]
     layers = [d.config.layer for d in detectors]
     if "auto" in layers:

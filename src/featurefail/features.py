@@ -15,7 +15,7 @@ from torch import nn
 from ._tensor import progress
 from .hooks import FeatureHook, ModelInputs, batch_rows, map_tensors
 
-__all__ = ["Features", "extract_features", "from_batch_fn", "iter_batches", "n_rows", "split_batch"]
+__all__ = ["Features", "extract_features", "from_batch_fn", "is_xy_batch", "iter_batches", "n_rows", "split_batch"]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets")
@@ -180,18 +180,20 @@ def n_rows(x: Any) -> int | None:
         return int(x.shape[0]) if x.ndim > 0 else None
     if isinstance(x, Mapping | ModelInputs):
         return batch_rows(x)
+    if is_xy_batch(x):
+        return int(x[0].shape[0])
     return None
 
 
 def is_xy_batch(x: Any) -> bool:
     """True for one ``(x, y)`` batch as ``next(iter(loader))`` gives it — a tuple or list of an input tensor
-    ``(N, ...)`` and one integer label per row ``(N,)`` — rather than a list of two batches (a 1-D integer
-    tensor is not a batch of model inputs)."""
+    ``(N, ...)`` and one integer label per row ``(N,)`` — rather than a list of two batches. Two 1-D integer
+    tensors (a model on integer IDs ``(N,)``) stay two batches."""
     return (
         isinstance(x, tuple | list)
         and len(x) == 2
         and all(isinstance(t, torch.Tensor) for t in x)
-        and x[0].ndim >= 1
+        and (x[0].ndim >= 2 or (x[0].ndim == 1 and (x[0].is_floating_point() or x[0].is_complex())))
         and x[1].ndim == 1
         and not (x[1].is_floating_point() or x[1].is_complex())
         and x[1].shape[0] == x[0].shape[0]
@@ -228,7 +230,7 @@ def iter_batches(x: Any, batch_size: int) -> Iterable:
 
         return [chunk(start) for start in range(0, rows, batch_size)]
     if is_xy_batch(x):
-        return [tuple(x)]
+        return list(zip(torch.split(x[0], batch_size), torch.split(x[1], batch_size), strict=True))
     if isinstance(x, str | bytes | int | float) or not isinstance(x, Iterable):
         raise TypeError(f"cannot score a {type(x).__name__}: pass a tensor, a batch mapping or an iterable of batches")
     return x

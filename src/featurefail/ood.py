@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ class NpzImages:
         channels: output channels, or None to keep.
         limit: keep only the first ``limit`` images (an int >= 0).
 
-    ``x`` must be uint8 (0–255) or float in [0, 1], channels last; anything else is refused, not rescaled.
+    ``x`` must be uint8 (0–255) or float in [0, 1] (±10⁻³ of rounding, clamped), channels last with at most 4
+    channels; anything else is refused, not rescaled.
 
     Attributes:
         images: ``(N, C, H, W)`` float32 in [0, 1].
@@ -65,8 +67,10 @@ class NpzImages:
     def __init__(
         self, path: str | Path, size: int | None = None, channels: int | None = None, limit: int | None = None
     ) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+        if limit is not None:
+            if isinstance(limit, bool) or not hasattr(type(limit), "__index__") or operator.index(limit) < 0:
+                raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+            limit = operator.index(limit)
         try:
             data = np.load(path, allow_pickle=False)
         except ValueError as exc:  # numpy calls any non-zip file "pickled data"; nothing is unpickled here
@@ -94,7 +98,7 @@ class NpzImages:
             )
         if x.dtype != np.uint8 and x.dtype.kind != "f":
             raise ValueError(f"{path}: x must be uint8 (0-255) or float in [0, 1], got {x.dtype}")
-        if x.dtype.kind == "f" and x.size and (x.min() < 0 or x.max() > 1):
+        if x.dtype.kind == "f" and x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):  # rounding: clamped
             raise ValueError(
                 f"{path}: float images must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}] "
                 "(0-255 values: store uint8 or divide by 255)"

@@ -129,15 +129,9 @@ def load_detector(
     if strange:
         raise ValueError(f"{path} holds unexpected tensors {strange[:5]}")
     head_weight, head_bias = tensors.get("head.weight"), tensors.get("head.bias")
-    one_block = layers is None or len(layers) == 1  # the head reads the first block: all features when one
     if (head_weight is None) != (head_bias is None) or (
         head_weight is not None
-        and (
-            head_weight.ndim != 2
-            or head_bias.shape != (head_weight.shape[0],)
-            or head_weight.shape[1] > n_features
-            or (one_block and head_weight.shape[1] != n_features)
-        )
+        and (head_weight.ndim != 2 or head_bias.shape != (head_weight.shape[0],) or head_weight.shape[1] > n_features)
     ):
         raise ValueError(f"{path} has a damaged classifier head (weight and bias shapes do not fit)")
     if head_weight is not None and not (torch.isfinite(head_weight).all() and torch.isfinite(head_bias).all()):

@@ -7,7 +7,8 @@ Numerical care, each measured (see the project's DESIGN notes):
   and the M-step computed in float64, so float32 products do not drift on uncentred features.
 * ``var = E[x²] − μ²`` can round below zero: variances are floored at ``reg_covar`` times each dimension's
   variance in the training data (a relative floor, so it works at any feature scale), plus the variance of
-  float32 rounding at the dimension's magnitude (a column constant up to ulp jitter is not scored on ulps).
+  rounding in the fitting dtype at the dimension's magnitude (a column constant up to ulp jitter is not scored
+  on its ulps).
 * A component whose effective count ``N_k`` falls below two samples (no variance left to estimate) is
   re-seeded by splitting the heaviest component; the events are counted in ``n_reseeded_``.
 * Exact EM never lowers the lower bound; when float32 rounding makes it fall (dimensions collapsed onto
@@ -89,10 +90,10 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
             iterations; ``tol=0`` runs exactly ``max_iter`` iterations.
         reg_covar: **relative** variance floor: every variance is kept ``>= reg_covar · Var[x_d]``, the
             variance of dimension ``d`` in the training data (constant dimensions use the mean variance of
-            the others), plus the variance of float32 rounding at the dimension's magnitude, ``(2⁻²³ · rms_d)²``
-            (a column constant up to ulp jitter is not scored on its ulps; negligible for any column whose
-            spread exceeds ~10⁻⁷ of its magnitude). Unlike scikit-learn's absolute ``reg_covar`` it is not
-            added, and it works at any scale.
+            the others), plus the variance of rounding at the dimension's magnitude, ``(ε · rms_d)²`` with ε
+            the fitting dtype's epsilon (a column constant up to ulp jitter is not scored on its ulps; this
+            term dominates only for columns whose spread is below ~10⁻⁴ of their magnitude in float32).
+            Unlike scikit-learn's absolute ``reg_covar`` it is not added, and it works at any scale.
         init: ``"kmeans++"`` (Lloyd's k-means on all rows, or on ``max(256 K, 65536)`` of them: when that is
             cheap, three runs seeded by greedy k-means++, the partition with the highest diagonal
             classification log-likelihood kept; otherwise one run seeded by plain k-means++ on ``16 K`` rows,
@@ -282,7 +283,8 @@ class DiagonalGMM(DensityMixin, BaseEstimator):
         d = data.n_features
         dev = data.device
         start = self._explicit_start(d, dev, data.mean, data.scale)
-        floor = variance_floor(data.variance, self.reg_covar, data.mean**2 / data.scale**2 + data.variance)
+        rms_square = data.mean**2 / data.scale**2 + data.variance
+        floor = variance_floor(data.variance, self.reg_covar, rms_square, torch.finfo(self.dtype).eps)
         seed = self.random_state
         if seed is None:
             seed = int(broadcast_(torch.randint(0, 2**62, (1,), dtype=torch.int64).to(dev)).item())

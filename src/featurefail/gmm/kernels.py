@@ -159,13 +159,17 @@ def m_step(
     return weights, means, variances
 
 
-def variance_floor(variance: torch.Tensor, reg_covar: float, mean_square: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-dimension variance floor ``reg_covar · Var[x_d] + (ε₃₂ · rms_d)²``: ``(D,) -> (D,)``.
+def variance_floor(
+    variance: torch.Tensor, reg_covar: float, mean_square: torch.Tensor | None = None, eps: float = 2.0**-23
+) -> torch.Tensor:
+    """Per-dimension variance floor ``reg_covar · Var[x_d] + (eps · rms_d)²``: ``(D,) -> (D,)``.
 
     ``variance`` is ``Var[x_d]``; ``mean_square`` (optional, ``(D,)``) is ``E[x_d²]``, the square of the column's
-    magnitude. The second term is the variance of float32 rounding at that magnitude (ε₃₂ = 2⁻²³): a column
-    that is constant up to a few ulps of jitter (a saturated tanh unit) would otherwise get a floor of
-    ``reg_covar`` times its jitter's variance, and one ulp off the mean would cost ~10⁵ nats. A constant dimension
+    magnitude. The second term is the variance of rounding at that magnitude (``eps``: the machine epsilon of the
+    fitting dtype, float32's 2⁻²³ by default): a column constant up to a few ulps of jitter (a saturated tanh
+    unit) would otherwise get a floor of ``reg_covar`` times its jitter's variance, and one ulp off the mean
+    would cost ~10⁵ nats. The term exceeds the first only where ``std_d / rms_d < eps / sqrt(reg_covar)`` (~10⁻⁴
+    in float32 at the default ``reg_covar``): columns whose spread is a few ulps. A constant dimension
     has no scale of its own; it borrows the mean variance of the others (1.0 if all dimensions are constant),
     so the floor stays positive and the log-likelihood finite.
     """
@@ -173,7 +177,7 @@ def variance_floor(variance: torch.Tensor, reg_covar: float, mean_square: torch.
     fallback = variance[positive].mean() if bool(positive.any()) else variance.new_tensor(1.0)
     floor = reg_covar * torch.where(positive, variance, fallback)
     if mean_square is not None:
-        floor = floor + torch.finfo(torch.float32).eps ** 2 * mean_square
+        floor = floor + eps**2 * mean_square
     return floor
 
 

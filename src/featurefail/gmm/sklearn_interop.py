@@ -24,7 +24,7 @@ def to_sklearn(model: DiagonalGMM) -> GaussianMixture:
 
     model.check_fitted()
     gm = GaussianMixture(
-        n_components=model.n_components, covariance_type="diag", tol=model.tol, max_iter=model.max_iter
+        n_components=int(model.means_.shape[0]), covariance_type="diag", tol=model.tol, max_iter=model.max_iter
     )
     variances = model.covariances_.detach().cpu().numpy().astype(np.float64)
     gm.weights_ = model.weights_.detach().cpu().numpy().astype(np.float64)
