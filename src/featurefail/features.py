@@ -205,7 +205,7 @@ def iter_batches(x: Any, batch_size: int) -> Iterable:
 
     A tensor ``(N, ...)`` is split into chunks of ``batch_size`` rows; a mapping batch (keyword arguments, possibly
     with labels) or :class:`~featurefail.hooks.ModelInputs` has every tensor whose first axis is ``N`` split alike
-    (other values repeated in every chunk); one ``(x, y)`` batch (:func:`is_xy_batch`) is that one batch; anything
+    (other values repeated in every chunk); one ``(x, y)`` batch (:func:`is_xy_batch`) has both split alike; anything
     else is taken as an iterable of batches (a DataLoader, a list) and returned as it is. An empty tensor or mapping
     gives no batch (check :func:`n_rows` first to return an empty result).
 
