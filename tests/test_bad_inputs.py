@@ -31,7 +31,7 @@ from torch import nn
 
 from featurefail import DetectorConfig, DiagonalGMM, FailureDetector, Features, NotFittedError, mann_whitney, metrics
 from featurefail.loading import load_model
-from featurefail.ood import NpzImages, gaussian_noise, uniform_noise
+from featurefail.ood import DatasetImages, NpzImages, gaussian_noise, uniform_noise
 from featurefail.scorers import Scorer
 
 NAN, INF = math.nan, math.inf
@@ -1651,6 +1651,25 @@ SWEEP = [
         "must be uint8",
     ),
     err("purify/grid of no learning rate", lambda e: _grid(e, lrs=()), ValueError, "at least one value"),
+    err(
+        "dataset images/float pixels in 0-255",
+        lambda e: DatasetImages([torch.full((3, 4, 4), 200.0)]),
+        ValueError,
+        r"must lie in \[0, 1\]",
+    ),
+    err(
+        "dataset images/int64 pixels",
+        lambda e: DatasetImages([np.zeros((4, 4, 3), np.int64)]),
+        ValueError,
+        "must be uint8",
+    ),
+    ok(
+        "dataset images/uint8, float in [0, 1] and 1-bit images read alike",
+        lambda e: (
+            DatasetImages([np.full((4, 4, 1), 255, np.uint8), torch.ones(1, 4, 4), np.ones((4, 4, 1), bool)]).images
+        ),
+        lambda r, e: r.shape == (3, 1, 4, 4) and bool((r == 1).all()),
+    ),
     ok(
         "gmm/set_params after fit: scoring keeps the fitted K",
         _refitted_k,

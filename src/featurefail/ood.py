@@ -134,18 +134,35 @@ def to_format(images: torch.Tensor, size: int | None = None, channels: int | Non
     return images.clamp_(0.0, 1.0)
 
 
+def _unit_pixels(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t`` (float copy of ``source``) on the [0, 1] scale: uint8 divided by 255, floats checked to lie in [0, 1]
+    (±10⁻³ of rounding, clamped later); anything else refused, as :class:`NpzImages` does."""
+    if source.dtype == torch.uint8:
+        return t / 255.0
+    if source.dtype == torch.bool:  # a 1-bit image: already 0 and 1
+        return t
+    if not source.is_floating_point():
+        raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got {source.dtype}")
+    if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{float(t.min()):.4g}, {float(t.max()):.4g}] "
+            "(0-255 values: give uint8 or divide by 255)"
+        )
+    return t
+
+
 def _to_chw(item: Any) -> torch.Tensor:
     """A PIL image, ``(H, W[, C])`` array or ``(C, H, W)`` tensor as a float ``(C, H, W)`` tensor in [0, 1]."""
     if isinstance(item, torch.Tensor):
         t = item.float()
         if t.ndim == 2:
             t = t[None]
-        return t / 255.0 if item.dtype == torch.uint8 else t
+        return _unit_pixels(t, item)
     arr = np.array(item)  # a copy: PIL exposes read-only buffers
     if arr.ndim == 2:
         arr = arr[..., None]
-    t = torch.from_numpy(arr).permute(2, 0, 1).float()
-    return t / 255.0 if arr.dtype == np.uint8 else t
+    source = torch.from_numpy(arr)
+    return _unit_pixels(source.permute(2, 0, 1).float(), source)
 
 
 class DatasetImages:
