@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from featurefail import DetectorConfig, FailureDetector, Features
 from featurefail.detector import DEFAULT_DETECTOR
@@ -121,3 +123,23 @@ def test_describe_shows_what_fit_will_hook_before_fitting():
     assert list(plan.layers) == fitted.layers_ and sum(plan.widths) == fitted.n_features_
     assert "head input" in str(plan)
     assert FailureDetector.paper().describe(model, x[:2]).widths == (16,)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_when_built_and_a_gpu_file_loads_on_the_cpu(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        FailureDetector(device="cuda")  # used to pass, then fail inside fit with torch's AssertionError
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        FailureDetector(scorer="gmm", n_components=2, device="cuda:1")  # the scorer's own device too
+    features = Features(torch.randn(60, 4, generator=torch.Generator().manual_seed(0)))
+    detector = FailureDetector(n_components=2, progress=False).fit_features(features)
+    path = tmp_path / "det.safetensors"
+    detector.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps(json.loads(meta["config"]) | {"device": "cuda"})  # as a GPU machine writes it
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="device='cpu'"):
+        FailureDetector.load(path)
+    loaded = FailureDetector.load(path, device="cpu")
+    assert torch.equal(loaded.score_features(features), detector.score_features(features))

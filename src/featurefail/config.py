@@ -79,6 +79,11 @@ class DetectorConfig(BaseModel):
                 raise ValueError(f"{value!r} is not a torch device") from exc
             if device.type == "meta":
                 raise ValueError("device 'meta' holds no data; use 'cpu' or an accelerator")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"device {value!r}: CUDA is not available in this torch ({torch.__version__}); use 'cpu' (a "
+                    "detector saved on a GPU loads with FailureDetector.load(path, device='cpu'))"
+                )
         return value
 
     @model_validator(mode="after")
