@@ -914,13 +914,12 @@ def main() -> None:
     weights = sorted(Path(args.weights).glob("*.safetensors"))
     runs = []
     for w in weights:
-        card_name = json.loads(w.with_suffix(".json").read_text()).get("name")
-        if card_name != w.stem:  # caches and runs are keyed by the card's name, --models by the file's
-            parser.error(f"{w.with_suffix('.json')} names the model {card_name!r}; rename it {w.stem!r}")
+        card = json.loads(w.with_suffix(".json").read_text())
+        if card.get("name") != w.stem:  # caches and runs are keyed by the card's name, --models by the file's
+            parser.error(f"{w.with_suffix('.json')} names the model {card.get('name')!r}; rename it {w.stem!r}")
         if args.models is not None and w.stem not in args.models:
             previous = load_run(Path(args.out) / w.stem, weights=w)
             if previous is not None:  # the run's card, plus fields added to the card since (e.g. its baseline)
-                card = json.loads(w.with_suffix(".json").read_text())
                 runs.append({**previous, "info": {**card, **previous["info"]}})
             continue
         if args.collect_only:

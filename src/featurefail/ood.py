@@ -56,8 +56,8 @@ class NpzImages:
         channels: output channels, or None to keep.
         limit: keep only the first ``limit`` images (an int >= 0).
 
-    ``x`` must be uint8 (0–255) or float in [0, 1] (±10⁻³ of rounding, clamped), channels last with at most 4
-    channels; anything else is refused, not rescaled.
+    ``x`` must be uint8 (0–255), boolean or float in [0, 1] (±10⁻³ of rounding, clamped), channels last with at
+    most 4 channels; anything else is refused, not rescaled.
 
     Attributes:
         images: ``(N, C, H, W)`` float32 in [0, 1].
@@ -96,16 +96,13 @@ class NpzImages:
                 f"{path}: x must be (N, H, W, C) with C <= 4 or (N, H, W), got shape {x.shape}"
                 + (" (channels first? move the channel axis last)" if x.ndim == 4 and x.shape[1] <= 4 else "")
             )
-        if x.dtype != np.uint8 and x.dtype.kind != "f":
+        if x.dtype.kind not in "biuf":
             raise ValueError(f"{path}: x must be uint8 (0-255) or float in [0, 1], got {x.dtype}")
-        if x.dtype.kind == "f" and x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):  # rounding: clamped
-            raise ValueError(
-                f"{path}: float images must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}] "
-                "(0-255 values: store uint8 or divide by 255)"
-            )
-        images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
-        if x.dtype == np.uint8:
-            images /= 255.0
+        source = torch.from_numpy(np.ascontiguousarray(x))
+        try:
+            images = _unit_pixels(source.permute(0, 3, 1, 2).float(), source)
+        except ValueError as exc:
+            raise ValueError(f"{path}: x: {exc}") from None
         self.images = to_format(images, size=size, channels=channels)
         self.labels = torch.from_numpy(y.astype(np.int64)) if y is not None else None
 
