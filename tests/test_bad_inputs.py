@@ -648,7 +648,7 @@ SCORERS = [
         "temperature/score before fit_validation",
         lambda e: scorer("temperature").fit(e.model, e.train).score(e.x),
         NotFittedError,
-        "needs validation data: call detector.calibrate",
+        "needs labelled validation data: call detector.calibrate",
     ),
     err(
         "temperature/fit_validation without labels",
@@ -738,7 +738,7 @@ CALIBRATION = [
         NotFittedError,
         "not fitted yet; call fit",
     ),
-    err("calibrate/no labels", lambda e: e.plain.calibrate([(e.x_val,)]), ValueError, "need labels"),
+    err("calibrate/no labels", lambda e: e.plain.calibrate([(e.x_val,)]), ValueError, "needs labelled validation data"),
     err(
         "calibrate/every label -1",
         lambda e: e.plain.calibrate([(e.x_val, torch.full_like(e.y_val, -1))]),

@@ -182,6 +182,42 @@ def test_semi_supervised_use_needs_no_labels_at_all(trained_mlp):
     assert np.isfinite(det.score(s["test"][0]).numpy()).all()
 
 
+def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_labels_scorer(trained_mlp):
+    """calibrate(strategy="fpr") on batches without labels: the conformal fusion calibrates its p-values on them
+    exactly as on the same rows with labels (it never reads labels; it used to skip them and stay calibrated on
+    its training split); a scorer that needs labels says it cannot learn from them and keeps what it had."""
+    model, s = trained_mlp
+    (x_tr, y_tr), (x_val, y_val), (x_test, _) = s["train"], s["val"], s["test"]
+
+    def fusion():
+        return FailureDetector(scorer="conformal_fusion", n_components=2, progress=False).fit(model, loader(x_tr))
+
+    assert fusion().scorer_.calibrated_on_ != "validation"
+    blind = fusion().calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    seen = fusion().calibrate(loader(x_val, y_val), strategy="fpr", alpha=0.1)
+    assert blind.scorer_.calibrated_on_ == "validation" and blind.scorer_.n_calibration_ == len(x_val)
+    torch.testing.assert_close(blind.score(x_test), seen.score(x_test))
+    assert blind.threshold_ == seen.threshold_
+    torch.testing.assert_close(fusion().fit_validation(loader(x_val)).score(x_test), seen.score(x_test))
+
+    maha = FailureDetector(scorer="mahalanobis", epsilon="auto", progress=False).fit(model, loader(x_tr, y_tr))
+    maha.fit_validation(loader(x_val, y_val))
+    learned = maha.scorer_.epsilon_
+    assert learned > 0  # the ε search chose a perturbation, so keeping it is visible
+    with pytest.warns(UserWarning, match="'mahalanobis' scorer learns from labelled validation data"):
+        maha.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    assert maha.scorer_.epsilon_ == learned and maha.calibration_.alpha == 0.1
+
+    temperature = FailureDetector(scorer="temperature", progress=False).fit(model, loader(x_tr))
+    with pytest.warns(UserWarning), pytest.raises(NotFittedError, match="needs labelled validation data"):
+        temperature.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    assert temperature.threshold_ is None
+    with pytest.raises(ValueError, match="need labels"):
+        temperature.fit_validation(loader(x_val))
+    with pytest.raises(ValueError, match="'f1' needs labelled validation data"):
+        fusion().calibrate(loader(x_val), strategy="f1")  # only "fpr" works without labels
+
+
 def test_paper_preset_is_the_raw_penultimate_gmm():
     det = FailureDetector.paper(n_components=7, seed=3)
     assert det.config.scorer == "gmm" and det.config.layer is None and det.config.scorer_options["preprocess"] is None

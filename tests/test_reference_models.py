@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
 from architectures import ARCHITECTURES, Residual, WhitenedResNet9, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
+from cpu_speed import cpu_description
 from train import (
     Recipe,
     accuracy,
@@ -432,11 +433,24 @@ def test_script_writes_weights_and_cards_for_the_semi_supervised_run(tmp_path):
     for card in (base, semi):
         assert 0 <= card["test_accuracy"] <= 1 and card["command"].startswith("python")
         assert card["seconds_launch_to_card"] > card["seconds"] > 0  # the card's wall time covers data and evaluation
+        assert card["cpu"] == cpu_description()  # the wall time holds with the CPU it was measured on
         loaded = load_reference_model(out / f"{card['name']}.safetensors")  # --limit keeps all 200 test images
         expected = accuracy(loaded, x_test, y_test, torch.device("cpu"), tta=True, bf16=False, translate=True)
         assert card["test_accuracy_flip_translate_tta"] == round(expected, 4)
         assert 0 <= card["val_accuracy_flip_tta"] <= 1 and 0 <= card["val_accuracy_flip_translate_tta"] <= 1
         assert (out / f"{card['name']}.safetensors").exists()
+
+
+def test_cpu_description_reads_the_model_the_count_and_the_bf16_instructions():
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Xeon Y\nflags\t\t: fpu avx2 amx_tile amx_bf16 avx512f\n\n"
+        "processor\t: 1\nmodel name\t: Xeon Y\nflags\t\t: fpu avx2 amx_tile amx_bf16 avx512f\n\n"
+        "processor\t: 2\nmodel name\t: Xeon Y\nflags\t\t: fpu avx2 amx_tile amx_bf16 avx512f\n"
+    )
+    assert cpu_description(cpuinfo) == {"model": "Xeon Y", "logical_cpus": 3, "bf16_instructions": ["amx_bf16"]}
+    plain = "processor: 0\nmodel name: Old\nflags: fpu avx2 avx512_bf16x\n"  # a flag is a whole word
+    assert cpu_description(plain) == {"model": "Old", "logical_cpus": 1, "bf16_instructions": []}
+    assert cpu_description("") == {}
 
 
 @pytest.mark.parametrize("mixup", ["0", "1"])

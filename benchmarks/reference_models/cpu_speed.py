@@ -20,6 +20,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import make_model
 
+
+def cpu_description(cpuinfo: str | None = None) -> dict:
+    """The CPU a figure was measured on: ``{"model", "logical_cpus", "bf16_instructions"}`` from Linux's
+    ``/proc/cpuinfo`` (or the text given), the instructions being those of ``amx_bf16`` / ``avx512_bf16`` it has
+    (what makes bf16 autocast fast); ``{}`` where that file cannot be read. Machines lent under the same name
+    have differed in training speed (benchmarks/README.md), so a card's wall time holds with its CPU."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    processors = [block for block in cpuinfo.split("\n\n") if block.strip()]
+    if not processors:
+        return {}
+    fields = dict(
+        (key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in processors[0].splitlines())
+    )
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model": fields.get("model name", "unknown"),
+        "logical_cpus": len(processors),
+        "bf16_instructions": [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags],
+    }
+
+
 MODELS = [
     ("vgg", (96, 384, 384)),
     ("resnet9", None),
@@ -69,7 +94,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile with bf16 + channels-last")
     parser.add_argument("--models", nargs="+", type=int, default=list(range(len(MODELS))), help="indices in MODELS")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
     head = "| model | bf16 autocast + channels-last | float32, contiguous | speed-up |"
     if args.compile:
         head += " compiled, bf16 + channels-last (first step) | compiled vs eager bf16 |"

@@ -64,6 +64,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ARCHITECTURES, PatchWhitenedNet, load_reference_model, make_model
 from cifar_data import cifar10_splits, cutout, strong_augment, translate_and_flip
+from cpu_speed import cpu_description
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,6 +542,7 @@ def card(name: str, arch: str, result: dict, model, val, test, device, bf16: boo
         "recipe": dataclasses.asdict(args.recipe),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
+        **({"cpu": cpu_description()} if device.type == "cpu" else {}),
         "bf16_autocast": bf16,
         "channels_last": not args.no_channels_last,
         "torch": torch.__version__,

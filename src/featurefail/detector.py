@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,10 +333,17 @@ class FailureDetector:
             self.calibration_ = None
 
     def _validated(self, fitted: FittedState, features: Features) -> tuple[Scorer, Features]:
-        """A copy of the fitted scorer that has learned from labelled validation ``features`` (rows labelled
-        ``< 0`` left out), and those rows."""
+        """A copy of the fitted scorer that has learned from validation ``features``, and the rows it learned from:
+        the labelled ones (rows labelled ``< 0`` left out), or every row of unlabelled features for a scorer whose
+        ``validation_use()`` is ``"features"``."""
         if features.labels is None:
-            raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
+            if fitted.scorer.validation_use() != "features":
+                raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
+            scorer = copy.deepcopy(fitted.scorer)
+            scorer.attach(self._context(fitted))
+            scorer.fit_validation(features)
+            synchronise_scorer(scorer)
+            return scorer, features
         features = features.subset(features.labels >= 0)
         if total_rows(len(features)) == 0:  # under torch.distributed: of all ranks
             raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
@@ -358,9 +366,9 @@ class FailureDetector:
             self.calibration_ = threshold
 
     def fit_validation(self, val_loader: Any, *, batch_fn: Callable | None = None) -> FailureDetector:
-        """Let the scorer learn from labelled validation data (temperature, a Mahalanobis ε, fusion weights)
-        without choosing a threshold (all or nothing; the previous threshold is dropped). :meth:`calibrate`
-        does this first."""
+        """Let the scorer learn from labelled validation data (temperature, a Mahalanobis ε, fusion weights; the
+        conformal fusion's p-values also from unlabelled data) without choosing a threshold (all or nothing; the
+        previous threshold is dropped). :meth:`calibrate` does this first."""
         fitted = self._state()
         scorer, _ = self._validated(fitted, self._shard_features(val_loader, batch_fn))
         self._install_scorer(fitted, scorer, None)
@@ -379,9 +387,13 @@ class FailureDetector:
     ) -> FailureDetector:
         """Choose ``threshold_`` on held-out in-distribution validation data (all or nothing).
 
-        Scorers that learn from labelled validation data (``fit_validation``, e.g. temperature scaling) learn here
-        first, on a copy that replaces the fitted scorer only when calibration succeeds. Rows labelled ``< 0``
-        (unlabelled) never count as mistakes.
+        Scorers that learn from validation data (``fit_validation``, e.g. temperature scaling) learn here first,
+        on a copy that replaces the fitted scorer only when calibration succeeds. Rows labelled ``< 0``
+        (unlabelled) never count as mistakes. With ``"fpr"`` on unlabelled data (batches without labels), a
+        scorer that learns from the validation features alone (``validation_use() == "features"``: the
+        conformal fusion's p-values) learns from them; one that needs labels (``"labels"``: temperature scaling,
+        ``"auto"`` settings of Mahalanobis and ODIN, the fused scorer) cannot, keeps what it learned before (at
+        ``fit`` or an earlier labelled ``fit_validation``) and a ``UserWarning`` says so.
 
         Strategies (see :func:`~featurefail.threshold.calibrate_threshold`):
 
@@ -400,8 +412,25 @@ class FailureDetector:
         fitted = self._state()
         parse_strategy(strategy)
         feats = self._shard_features(val_loader, batch_fn)
+        if strategy != "fpr" and feats.labels is None:
+            raise ValueError(
+                f"strategy {strategy!r} needs labelled validation data: pass a validation loader that yields (x, y) "
+                "(only 'fpr' works without labels)"
+            )
         if strategy == "fpr" and feats.labels is None:
-            scorer, wrong = fitted.scorer, None
+            use, wrong = fitted.scorer.validation_use(), None
+            if use == "features":
+                scorer, _ = self._validated(fitted, feats)
+            else:
+                scorer = fitted.scorer
+            if use == "labels":
+                warnings.warn(
+                    f"the {fitted.scorer.name!r} scorer learns from labelled validation data (fit_validation) and "
+                    "these validation data have no labels: it keeps what it learned before (at fit, or an earlier "
+                    "fit_validation with labels); pass (x, y) batches to let it learn",
+                    UserWarning,
+                    stacklevel=2,
+                )
         else:
             labelled = feats
             scorer, labelled = self._validated(fitted, feats)

@@ -45,6 +45,7 @@ def _dtype_name(value: Any) -> Any:
 
 #: A floating dtype setting, stored by name (``torch.float64`` is accepted and stored as ``"float64"``).
 DTypeName = Annotated[Literal["float32", "float64"], BeforeValidator(_dtype_name)]
+ValidationUse = Literal["nothing", "features", "labels"]
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ class Scorer:
     * ``requires_labels``: ``fit`` needs ``features.labels``; ``requires_logits``: fit/score need logits;
       ``requires_inputs``: ``features.inputs`` must be kept (input-space scorers, input preprocessing);
       ``requires_model``: :meth:`attach` must receive the model (gradients through it).
-    * :meth:`fit_validation`: learn from labelled in-distribution validation features
-      (``FailureDetector.calibrate`` calls it before choosing the threshold).
+    * :meth:`fit_validation`: learn from in-distribution validation features (``FailureDetector.calibrate``
+      calls it before choosing the threshold), with :meth:`validation_use` saying whether it needs their labels.
     * :meth:`attach`: receive a :class:`ModelContext` (model, hook factory, head weights).
     * :meth:`state_dict` / :meth:`load_state_dict`: fitted state as tensors and plain numbers (safetensors).
     * :meth:`as_module`: the scoring as ``nn.Module(feats, logits) -> (N,)`` for deployment (``as_module()``,
@@ -160,6 +161,13 @@ class Scorer:
     def fit_validation(self, features: Features) -> Scorer:
         """Learn from labelled in-distribution validation features (default: nothing to learn)."""
         return self
+
+    def validation_use(self) -> ValidationUse:
+        """What :meth:`fit_validation` learns from, with the current settings: ``"nothing"`` (the default),
+        ``"features"`` (validation features; labels unused) or ``"labels"`` (labelled validation features). On
+        unlabelled validation data ``FailureDetector.calibrate(strategy="fpr")`` runs ``fit_validation`` for
+        ``"features"`` and warns for ``"labels"`` (the scorer then keeps what it learned before)."""
+        return "nothing"
 
     def attach(self, context: ModelContext) -> None:
         """Receive the model, the detector's hook factory and the head weights (default: not needed)."""

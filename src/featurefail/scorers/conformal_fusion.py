@@ -11,7 +11,7 @@ from torch import nn
 
 from ..distributed import all_gather_rows, row_offset, total_rows
 from ..features import Features
-from .base import Scorer, build_scorer, check_features, register_scorer
+from .base import Scorer, ValidationUse, build_scorer, check_features, register_scorer
 from .gmm import GMMScorer
 from .mahalanobis import TiedGaussians
 from .per_layer import PerLayer
@@ -272,6 +272,9 @@ class ConformalFusion(Scorer):
             scores = module.component_scores(features.feats[finite], features.logits[finite])
         scores = all_gather_rows(scores)  # under torch.distributed: every rank's calibration scores
         return [scores[:, k].sort().values for k in range(scores.shape[1])]
+
+    def validation_use(self) -> ValidationUse:
+        return "features"
 
     def fit_validation(self, features: Features) -> ConformalFusion:
         """Calibrate the p-values on the validation features instead (labels unused)."""

@@ -13,7 +13,7 @@ from ..distributed import all_gather_rows
 from ..exceptions import NotFittedError
 from ..features import Features
 from ..metrics import auroc
-from .base import Scorer, check_features, register_scorer
+from .base import Scorer, ValidationUse, check_features, register_scorer
 from .gmm import GMMScorer
 
 __all__ = ["FusedScorer"]
@@ -109,6 +109,9 @@ class FusedScorer(Scorer):
         self._standardise(features)
         self.weight_ = 0.5 if self.weight is None else float(self.weight)
         return self
+
+    def validation_use(self) -> ValidationUse:
+        return "labels"  # the robust scales are re-estimated on labelled validation features, w searched there
 
     def fit_validation(self, features: Features) -> FusedScorer:
         """Re-standardise on validation features and choose ``w`` for mistake detection on them."""

@@ -11,7 +11,7 @@ from pydantic import Field
 from ..distributed import all_gather_rows, all_reduce_sum, is_distributed, union_labels
 from ..features import Features
 from ..metrics import auroc
-from .base import ModelContext, Scorer, check_features, register_scorer
+from .base import ModelContext, Scorer, ValidationUse, check_features, register_scorer
 
 __all__ = ["Mahalanobis", "TiedGaussians"]
 
@@ -137,6 +137,9 @@ class Mahalanobis(Scorer):
         self.gaussians_ = TiedGaussians(features.feats[known], features.labels[known], self.shrinkage)
         self.epsilon_ = 0.0 if self.epsilon == "auto" else float(self.epsilon)
         return self
+
+    def validation_use(self) -> ValidationUse:
+        return "labels" if self.epsilon == "auto" else "nothing"
 
     def fit_validation(self, features: Features) -> Mahalanobis:
         """With ``epsilon="auto"``: choose ε on labelled validation data (correct vs wrong predictions)."""

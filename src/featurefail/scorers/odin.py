@@ -14,7 +14,7 @@ from torch import nn
 from ..distributed import all_gather_rows
 from ..features import Features
 from ..metrics import auroc
-from .base import ModelContext, Scorer, check_features, register_scorer
+from .base import ModelContext, Scorer, ValidationUse, check_features, register_scorer
 from .energy import check_keys, scalar
 from .modules import LogitScoreModule
 
@@ -87,6 +87,9 @@ class ODIN(Scorer):
         self.temperature_ = 1.0 if self.temperature == "auto" else float(self.temperature)
         self.epsilon_ = 0.0 if self.epsilon == "auto" else float(self.epsilon)
         return self
+
+    def validation_use(self) -> ValidationUse:
+        return "labels" if "auto" in (self.temperature, self.epsilon) else "nothing"
 
     def fit_validation(self, features: Features) -> ODIN:
         """With an ``"auto"`` setting: choose it on labelled validation data (correct vs wrong predictions)."""

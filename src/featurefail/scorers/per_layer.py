@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..features import Features
-from .base import ModelContext, Scorer, build_scorer
+from .base import ModelContext, Scorer, ValidationUse, build_scorer
 from .gmm import stacked_gmm_module
 from .modules import BlockSumScoreModule
 
@@ -101,6 +101,10 @@ class PerLayer(Scorer):
             parts.append(part)
         self.blocks_, self.parts_ = tuple(blocks), parts
         return self
+
+    def validation_use(self) -> ValidationUse:
+        """As the base scorer: every block's copy has its settings."""
+        return self.base.validation_use()
 
     def fit_validation(self, features: Features) -> PerLayer:
         self.check_fitted()

@@ -11,7 +11,7 @@ from pydantic import Field
 from ..distributed import all_gather_rows
 from ..exceptions import NotFittedError
 from ..features import Features
-from .base import check_features, register_scorer
+from .base import ValidationUse, check_features, register_scorer
 from .logit_scorer import LogitScorer
 
 __all__ = ["TemperatureScaling", "fit_temperature"]
@@ -71,14 +71,17 @@ class TemperatureScaling(LogitScorer):
         self.temperature_ = fit_temperature(logits, labels, self.max_iter)
         return self
 
+    def validation_use(self) -> ValidationUse:
+        return "labels"
+
     def is_fitted(self) -> bool:
         return hasattr(self, "temperature_")
 
     def evidence(self, logits: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "temperature_"):
             raise NotFittedError(
-                "TemperatureScaling needs validation data: call detector.calibrate(val_loader) "
-                "or scorer.fit_validation(features)"
+                "TemperatureScaling needs labelled validation data: call detector.calibrate(val_loader) or "
+                "detector.fit_validation(val_loader) with (x, y) batches, or scorer.fit_validation(features)"
             )
         return torch.softmax(logits.double() / self.temperature_, dim=1).max(dim=1).values.float()
 
