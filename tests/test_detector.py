@@ -218,6 +218,36 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
         fusion().calibrate(loader(x_val), strategy="f1")  # only "fpr" works without labels
 
 
+def test_validation_use_of_the_built_in_scorers_and_of_a_custom_one():
+    """What each scorer's fit_validation learns from decides whether calibrate(strategy="fpr") can teach it on
+    unlabelled data; a custom scorer that overrides fit_validation without saying counts as needing labels (the
+    safe side: a warning, never a silently skipped fit_validation)."""
+    from featurefail.scorers import PerLayer, Scorer, build_scorer
+
+    expected = {
+        ("gmm", ()): "nothing",
+        ("temperature", ()): "labels",
+        ("fused", ()): "labels",
+        ("conformal_fusion", ()): "features",
+        ("mahalanobis", (("epsilon", "auto"),)): "labels",
+        ("mahalanobis", (("epsilon", 0.0),)): "nothing",
+        ("odin", (("temperature", "auto"), ("epsilon", 0.0))): "labels",
+        ("odin", (("temperature", 1.0), ("epsilon", 0.0))): "nothing",
+    }
+    for (name, settings), use in expected.items():
+        assert build_scorer(name, dict(settings)).validation_use() == use, name
+        assert PerLayer(build_scorer(name, dict(settings))).validation_use() == use, name
+
+    class Quiet(Scorer):
+        pass
+
+    class Learns(Scorer):
+        def fit_validation(self, features):
+            return self
+
+    assert Quiet().validation_use() == "nothing" and Learns().validation_use() == "labels"
+
+
 def test_paper_preset_is_the_raw_penultimate_gmm():
     det = FailureDetector.paper(n_components=7, seed=3)
     assert det.config.scorer == "gmm" and det.config.layer is None and det.config.scorer_options["preprocess"] is None

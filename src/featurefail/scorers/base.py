@@ -166,8 +166,9 @@ class Scorer:
         """What :meth:`fit_validation` learns from, with the current settings: ``"nothing"`` (the default),
         ``"features"`` (validation features; labels unused) or ``"labels"`` (labelled validation features). On
         unlabelled validation data ``FailureDetector.calibrate(strategy="fpr")`` runs ``fit_validation`` for
-        ``"features"`` and warns for ``"labels"`` (the scorer then keeps what it learned before)."""
-        return "nothing"
+        ``"features"`` and warns for ``"labels"`` (the scorer then keeps what it learned before). Default:
+        ``"nothing"``, or ``"labels"`` for a subclass that overrides ``fit_validation`` without saying."""
+        return "nothing" if type(self).fit_validation is Scorer.fit_validation else "labels"
 
     def attach(self, context: ModelContext) -> None:
         """Receive the model, the detector's hook factory and the head weights (default: not needed)."""
