@@ -183,9 +183,12 @@ def test_semi_supervised_use_needs_no_labels_at_all(trained_mlp):
 
 
 def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_labels_scorer(trained_mlp):
-    """calibrate(strategy="fpr") on batches without labels: the conformal fusion calibrates its p-values on them
-    exactly as on the same rows with labels (it never reads labels; it used to skip them and stay calibrated on
-    its training split); a scorer that needs labels says it cannot learn from them and keeps what it had."""
+    """calibrate(strategy="fpr") on batches without labels (or labelled -1 only): the conformal fusion calibrates
+    its p-values on every row exactly as with labels (it never reads labels; it used to skip unlabelled data and
+    stay calibrated on its training split); a scorer that needs labels keeps what it learned and warns once the
+    threshold is set; one that has learned nothing yet is refused; a scorer with nothing to learn is silent."""
+    import warnings
+
     model, s = trained_mlp
     (x_tr, y_tr), (x_val, y_val), (x_test, _) = s["train"], s["val"], s["test"]
 
@@ -195,21 +198,36 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
     assert fusion().scorer_.calibrated_on_ != "validation"
     blind = fusion().calibrate(loader(x_val), strategy="fpr", alpha=0.1)
     seen = fusion().calibrate(loader(x_val, y_val), strategy="fpr", alpha=0.1)
-    assert blind.scorer_.calibrated_on_ == "validation" and blind.scorer_.n_calibration_ == len(x_val)
-    torch.testing.assert_close(blind.score(x_test), seen.score(x_test))
-    assert blind.threshold_ == seen.threshold_
+    half = y_val.clone()
+    half[::2] = -1
+    partly = fusion().calibrate(loader(x_val, half), strategy="fpr", alpha=0.1)
+    for det in (blind, seen, partly):
+        assert det.scorer_.calibrated_on_ == "validation" and det.scorer_.n_calibration_ == len(x_val)
+        torch.testing.assert_close(det.score(x_test), seen.score(x_test))
+        assert det.threshold_ == seen.threshold_
     torch.testing.assert_close(fusion().fit_validation(loader(x_val)).score(x_test), seen.score(x_test))
+    failed = fusion()
+    with pytest.raises(ValueError, match="alpha"):
+        failed.calibrate(loader(x_val), strategy="fpr")  # all or nothing: the copy that learned is dropped
+    assert failed.scorer_.calibrated_on_ != "validation" and failed.threshold_ is None
 
     maha = FailureDetector(scorer="mahalanobis", epsilon="auto", progress=False).fit(model, loader(x_tr, y_tr))
     maha.fit_validation(loader(x_val, y_val))
     learned = maha.scorer_.epsilon_
     assert learned > 0  # the ε search chose a perturbation, so keeping it is visible
-    with pytest.warns(UserWarning, match="'mahalanobis' scorer learns from labelled validation data"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="alpha"):
+            maha.calibrate(loader(x_val), strategy="fpr")  # a failed calibration does not warn
+    with pytest.warns(UserWarning, match="'mahalanobis' scorer learns from labelled validation data") as record:
         maha.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    assert record[0].filename == __file__  # the warning points at the caller
     assert maha.scorer_.epsilon_ == learned and maha.calibration_.alpha == 0.1
+    with pytest.warns(UserWarning):
+        maha.calibrate(loader(x_val, torch.full_like(y_val, -1)), strategy="fpr", alpha=0.1)  # -1 only: unlabelled
 
     temperature = FailureDetector(scorer="temperature", progress=False).fit(model, loader(x_tr))
-    with pytest.warns(UserWarning), pytest.raises(NotFittedError, match="needs labelled validation data"):
+    with pytest.raises(ValueError, match="'temperature' scorer learns from labelled validation data and has not"):
         temperature.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
     assert temperature.threshold_ is None
     with pytest.raises(ValueError, match="need labels"):
@@ -217,12 +235,21 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
     with pytest.raises(ValueError, match="'f1' needs labelled validation data"):
         fusion().calibrate(loader(x_val), strategy="f1")  # only "fpr" works without labels
 
+    gmm = FailureDetector.paper(n_components=3, progress=False).fit(model, loader(x_tr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to learn: no warning
+        gmm.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
+    first = gmm.threshold_
+    gmm.calibrate(loader(x_val, torch.full_like(y_val, -1)), strategy="fpr", alpha=0.1)
+    assert gmm.threshold_ == first
 
-def test_validation_use_of_the_built_in_scorers_and_of_a_custom_one():
+
+def test_validation_use_of_the_built_in_scorers_and_of_custom_ones():
     """What each scorer's fit_validation learns from decides whether calibrate(strategy="fpr") can teach it on
-    unlabelled data; a custom scorer that overrides fit_validation without saying counts as needing labels (the
-    safe side: a warning, never a silently skipped fit_validation)."""
-    from featurefail.scorers import PerLayer, Scorer, build_scorer
+    unlabelled data; a class that overrides fit_validation below the one that says what it learns from (a custom
+    scorer, a subclass of a built-in) counts as needing labels: a warning, never a silently skipped fit_validation."""
+    from featurefail.scorers import Mahalanobis, PerLayer, Scorer, build_scorer
+    from featurefail.scorers.base import validation_use_of
 
     expected = {
         ("gmm", ()): "nothing",
@@ -235,8 +262,8 @@ def test_validation_use_of_the_built_in_scorers_and_of_a_custom_one():
         ("odin", (("temperature", 1.0), ("epsilon", 0.0))): "nothing",
     }
     for (name, settings), use in expected.items():
-        assert build_scorer(name, dict(settings)).validation_use() == use, name
-        assert PerLayer(build_scorer(name, dict(settings))).validation_use() == use, name
+        assert validation_use_of(build_scorer(name, dict(settings))) == use, name
+        assert validation_use_of(PerLayer(build_scorer(name, dict(settings)))) == use, name
 
     class Quiet(Scorer):
         pass
@@ -245,7 +272,23 @@ def test_validation_use_of_the_built_in_scorers_and_of_a_custom_one():
         def fit_validation(self, features):
             return self
 
-    assert Quiet().validation_use() == "nothing" and Learns().validation_use() == "labels"
+    class LearnsMore(Mahalanobis):
+        def fit_validation(self, features):
+            return self
+
+    class SaysFeatures(Learns):
+        def validation_use(self):
+            return "features"
+
+    class SaysNonsense(Scorer):
+        def validation_use(self):
+            return "sometimes"
+
+    assert validation_use_of(Quiet()) == "nothing" and validation_use_of(Learns()) == "labels"
+    assert validation_use_of(LearnsMore(epsilon=0.0)) == "labels" and validation_use_of(SaysFeatures()) == "features"
+    assert validation_use_of(PerLayer(LearnsMore(epsilon=0.0))) == "labels"
+    with pytest.raises(ValueError, match="returned 'sometimes'"):
+        validation_use_of(SaysNonsense())
 
 
 def test_paper_preset_is_the_raw_penultimate_gmm():

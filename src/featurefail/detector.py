@@ -38,7 +38,7 @@ from .distributed import (
 from .exceptions import NotFittedError
 from .features import Features, extract_features, is_xy_batch, iter_batches, n_rows
 from .hooks import FeatureHook, HookPlan, describe
-from .scorers.base import ModelContext, Scorer, scorer_class
+from .scorers.base import ModelContext, Scorer, scorer_class, validation_use_of
 from .scorers.per_layer import PerLayer
 from .threshold import ThresholdResult, calibrate_threshold, parse_strategy
 
@@ -333,31 +333,30 @@ class FailureDetector:
             self.calibration_ = None
 
     def _validated(self, fitted: FittedState, features: Features) -> tuple[Scorer, Features]:
-        """A copy of the fitted scorer that has learned from validation ``features``, and the rows it learned from:
-        the labelled ones (rows labelled ``< 0`` left out), or every row of unlabelled features for a scorer whose
-        ``validation_use()`` is ``"features"``."""
-        if features.labels is None:
-            if fitted.scorer.validation_use() != "features":
-                raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
-            scorer = copy.deepcopy(fitted.scorer)
-            scorer.attach(self._context(fitted))
-            scorer.fit_validation(features)
-            synchronise_scorer(scorer)
-            return scorer, features
-        features = features.subset(features.labels >= 0)
-        if total_rows(len(features)) == 0:  # under torch.distributed: of all ranks
-            raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
-        if features.logits is not None and len(features) and int(features.labels.max()) >= features.logits.shape[1]:
-            raise ValueError(
-                f"validation labels must be class indices in [0, {features.logits.shape[1]}) (or < 0 for unlabelled "
-                f"rows); got {int(features.labels.max())}: a label the model cannot predict would count as a mistake"
-            )
+        """A copy of the fitted scorer that has learned from validation ``features``, and their labelled rows (rows
+        labelled ``< 0`` left out; all rows of unlabelled features). A scorer whose ``validation_use_of`` is
+        ``"features"`` learns from every row, labelled or not; the others need labels."""
         require_distributable(fitted.scorer, validation=True)
+        use = validation_use_of(fitted.scorer)
+        if features.labels is None:
+            if use != "features":
+                raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
+            labelled = features
+        else:
+            labelled = features.subset(features.labels >= 0)
+            if use != "features" and total_rows(len(labelled)) == 0:  # under torch.distributed: of all ranks
+                raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
+            if labelled.logits is not None and len(labelled) and int(labelled.labels.max()) >= labelled.logits.shape[1]:
+                raise ValueError(
+                    f"validation labels must be class indices in [0, {labelled.logits.shape[1]}) (or < 0 for "
+                    f"unlabelled rows); got {int(labelled.labels.max())}: a label the model cannot predict would "
+                    "count as a mistake"
+                )
         scorer = copy.deepcopy(fitted.scorer)
         scorer.attach(self._context(fitted))
-        scorer.fit_validation(features)
+        scorer.fit_validation(features if use == "features" else labelled)
         synchronise_scorer(scorer)
-        return scorer, features
+        return scorer, labelled
 
     def _install_scorer(self, fitted: FittedState, scorer: Scorer, threshold: ThresholdResult | None) -> None:
         with self._lock:
@@ -389,11 +388,12 @@ class FailureDetector:
 
         Scorers that learn from validation data (``fit_validation``, e.g. temperature scaling) learn here first,
         on a copy that replaces the fitted scorer only when calibration succeeds. Rows labelled ``< 0``
-        (unlabelled) never count as mistakes. With ``"fpr"`` on unlabelled data (batches without labels), a
-        scorer that learns from the validation features alone (``validation_use() == "features"``: the
-        conformal fusion's p-values) learns from them; one that needs labels (``"labels"``: temperature scaling,
-        ``"auto"`` settings of Mahalanobis and ODIN, the fused scorer) cannot, keeps what it learned before (at
-        ``fit`` or an earlier labelled ``fit_validation``) and a ``UserWarning`` says so.
+        (unlabelled) never count as mistakes. With ``"fpr"`` on unlabelled data (batches without labels, or
+        every label ``< 0``), a scorer that learns from the validation features alone (``validation_use_of`` is
+        ``"features"``: the conformal fusion's p-values) learns from every row; one that needs labels
+        (``"labels"``: ``"auto"`` settings of Mahalanobis and ODIN, the fused scorer) keeps what it learned before
+        (at ``fit`` or an earlier labelled ``fit_validation``) and a ``UserWarning`` says so once the threshold is
+        set; one that has learned nothing yet (temperature scaling before any labelled data) is a ``ValueError``.
 
         Strategies (see :func:`~featurefail.threshold.calibrate_threshold`):
 
@@ -417,22 +417,25 @@ class FailureDetector:
                 f"strategy {strategy!r} needs labelled validation data: pass a validation loader that yields (x, y) "
                 "(only 'fpr' works without labels)"
             )
-        if strategy == "fpr" and feats.labels is None:
-            use, wrong = fitted.scorer.validation_use(), None
+        unlabelled_note = None
+        if strategy == "fpr" and (feats.labels is None or total_rows(int((feats.labels >= 0).sum())) == 0):
+            use, wrong = validation_use_of(fitted.scorer), None
             if use == "features":
                 scorer, _ = self._validated(fitted, feats)
+            elif use == "labels" and not fitted.scorer.is_fitted():
+                raise ValueError(
+                    f"the {fitted.scorer.name!r} scorer learns from labelled validation data and has not yet: pass "
+                    "(x, y) batches to calibrate (or fit_validation) first; these validation data have no labels"
+                )
             else:
                 scorer = fitted.scorer
-            if use == "labels":
-                warnings.warn(
-                    f"the {fitted.scorer.name!r} scorer learns from labelled validation data (fit_validation) and "
-                    "these validation data have no labels: it keeps what it learned before (at fit, or an earlier "
-                    "fit_validation with labels); pass (x, y) batches to let it learn",
-                    UserWarning,
-                    stacklevel=2,
-                )
+                if use == "labels":
+                    unlabelled_note = (
+                        f"the {fitted.scorer.name!r} scorer learns from labelled validation data (fit_validation) and "
+                        "these validation data have no labels: it keeps what it learned before (at fit, or an "
+                        "earlier fit_validation with labels); pass (x, y) batches to let it learn"
+                    )
         else:
-            labelled = feats
             scorer, labelled = self._validated(fitted, feats)
             if strategy != "fpr":
                 feats, wrong = labelled, ~labelled.correct
@@ -451,12 +454,15 @@ class FailureDetector:
             folds=folds,
             seed=self.config.seed or 0,
         )
+        if unlabelled_note is not None:
+            warnings.warn(unlabelled_note, UserWarning, stacklevel=2)
         self._install_scorer(fitted, scorer, result)
         return self
 
     def _shard_features(self, val_loader: Any, batch_fn: Callable | None) -> Features:
         """Features of validation data; under ``torch.distributed`` this rank's shard, which may be empty."""
-        if isinstance(val_loader, Features):
+        if isinstance(val_loader, Features):  # under torch.distributed, as extract_shard checks for loaders:
+            require_identical({"labels": val_loader.labels is not None}, "whether the validation features have labels")
             return val_loader
         return extract_shard(lambda: (self.features(val_loader, batch_fn=batch_fn), {}))[0]
 

@@ -238,14 +238,15 @@ def require_single_process(what: str) -> None:
 def require_distributable(scorer: Scorer, validation: bool = False) -> None:
     """Under a process group, raise unless ``scorer.distributable()`` (its fit reduces over ranks).
 
-    With ``validation``: only when the scorer learns from validation data (overrides ``fit_validation``); a
-    scorer that does not (a VAE loaded from a file, say) can be calibrated across ranks, its scores pooled.
+    With ``validation``: only when the scorer learns from validation data (``validation_use_of`` is not
+    ``"nothing"``); a scorer that does not (a VAE loaded from a file, say) can be calibrated across ranks, its
+    scores pooled.
     """
-    from .scorers.base import Scorer
+    from .scorers.base import validation_use_of
 
     if not is_distributed() or scorer.distributable():
         return
-    if validation and type(scorer).fit_validation is Scorer.fit_validation:
+    if validation and validation_use_of(scorer) == "nothing":
         return
     require_single_process(f"scorer {scorer.name!r} ({type(scorer).__name__})")
 

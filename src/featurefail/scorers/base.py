@@ -27,6 +27,7 @@ __all__ = [
     "DTypeName",
     "ModelContext",
     "Scorer",
+    "ValidationUse",
     "available_scorers",
     "build_scorer",
     "check_features",
@@ -34,6 +35,7 @@ __all__ = [
     "register_scorer",
     "scorer_class",
     "scorer_settings",
+    "validation_use_of",
 ]
 
 _VALIDATION = ConfigDict(arbitrary_types_allowed=True)
@@ -166,9 +168,9 @@ class Scorer:
         """What :meth:`fit_validation` learns from, with the current settings: ``"nothing"`` (the default),
         ``"features"`` (validation features; labels unused) or ``"labels"`` (labelled validation features). On
         unlabelled validation data ``FailureDetector.calibrate(strategy="fpr")`` runs ``fit_validation`` for
-        ``"features"`` and warns for ``"labels"`` (the scorer then keeps what it learned before). Default:
-        ``"nothing"``, or ``"labels"`` for a subclass that overrides ``fit_validation`` without saying."""
-        return "nothing" if type(self).fit_validation is Scorer.fit_validation else "labels"
+        ``"features"`` and warns for ``"labels"`` (the scorer then keeps what it learned before). Override it
+        with ``fit_validation``; the detector reads it through :func:`validation_use_of`."""
+        return "nothing"
 
     def attach(self, context: ModelContext) -> None:
         """Receive the model, the detector's hook factory and the head weights (default: not needed)."""
@@ -293,6 +295,24 @@ def get_scorer(name: str | Scorer, **settings: Any) -> Scorer:
     if not isinstance(name, str):
         raise TypeError(f"{type(name).__name__} is not a Scorer; subclass featurefail.scorers.Scorer")
     return build_scorer(name, settings)
+
+
+def validation_use_of(scorer: Scorer) -> ValidationUse:
+    """``scorer.validation_use()``, on the safe side: ``"labels"`` when the class that defines ``fit_validation``
+    comes below (in the method resolution order) the one that defines ``validation_use`` — a subclass that learns
+    from validation data without saying from what — so an unlabelled calibration warns instead of skipping it
+    silently. Raises ``ValueError`` for an answer other than ``"nothing"``, ``"features"``, ``"labels"``."""
+    mro = type(scorer).__mro__
+    learns_at = next(i for i, cls in enumerate(mro) if "fit_validation" in cls.__dict__)
+    says_at = next(i for i, cls in enumerate(mro) if "validation_use" in cls.__dict__)
+    if learns_at < says_at:
+        return "labels"
+    use = scorer.validation_use()
+    if use not in ("nothing", "features", "labels"):
+        raise ValueError(
+            f"{type(scorer).__name__}.validation_use() returned {use!r}; expected 'nothing', 'features' or 'labels'"
+        )
+    return use
 
 
 def check_features(features: Features, *, labels: bool = False, logits: bool = False, who: str = "scorer") -> None:

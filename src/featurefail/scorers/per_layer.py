@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..features import Features
-from .base import ModelContext, Scorer, ValidationUse, build_scorer
+from .base import ModelContext, Scorer, ValidationUse, build_scorer, validation_use_of
 from .gmm import stacked_gmm_module
 from .modules import BlockSumScoreModule
 
@@ -103,8 +103,8 @@ class PerLayer(Scorer):
         return self
 
     def validation_use(self) -> ValidationUse:
-        """As the base scorer: every block's copy has its settings."""
-        return self.base.validation_use()
+        """As the base scorer (:func:`validation_use_of`): every block's copy has its settings."""
+        return validation_use_of(self.base)
 
     def fit_validation(self, features: Features) -> PerLayer:
         self.check_fitted()
