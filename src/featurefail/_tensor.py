@@ -23,7 +23,7 @@ _precision_saved: tuple[str, bool] | None = None
 def full_precision_matmul() -> Iterator[None]:
     """Run float32 matrix products at full IEEE precision (no TF32), restoring the global setting after.
 
-    TF32 keeps 10 mantissa bits; inside EM that moved the mean log-likelihood by ~10^3 nats on an H100.
+    TF32 keeps 10 mantissa bits, too few for the E-step's products.
     Re-entrant and safe across threads: the setting is changed by the first entrant and restored by the last.
     """
     global _precision_depth, _precision_saved
