@@ -201,11 +201,11 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
     half = y_val.clone()
     half[::2] = -1
     partly = fusion().calibrate(loader(x_val, half), strategy="fpr", alpha=0.1)
-    for det in (blind, seen, partly):
-        assert det.scorer_.calibrated_on_ == "validation" and det.scorer_.n_calibration_ == len(x_val)
+    for det in (blind, seen, partly):  # p-values from a seeded half of the rows, the threshold from the other
+        assert det.scorer_.calibrated_on_ == "validation" and det.scorer_.n_calibration_ == len(x_val) // 2
         torch.testing.assert_close(det.score(x_test), seen.score(x_test))
         assert det.threshold_ == seen.threshold_
-    torch.testing.assert_close(fusion().fit_validation(loader(x_val)).score(x_test), seen.score(x_test))
+    assert fusion().fit_validation(loader(x_val)).scorer_.n_calibration_ == len(x_val)
     failed = fusion()
     with pytest.raises(ValueError, match="alpha"):
         failed.calibrate(loader(x_val), strategy="fpr")  # all or nothing: the copy that learned is dropped
@@ -213,8 +213,7 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
 
     maha = FailureDetector(scorer="mahalanobis", epsilon="auto", progress=False).fit(model, loader(x_tr, y_tr))
     maha.fit_validation(loader(x_val, y_val))
-    learned = maha.scorer_.epsilon_
-    assert learned > 0  # the ε search chose a perturbation, so keeping it is visible
+    learned, search = maha.scorer_, dict(maha.scorer_.epsilon_search_)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="alpha"):
@@ -222,7 +221,7 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
     with pytest.warns(UserWarning, match="'mahalanobis' scorer learns from labelled validation data") as record:
         maha.calibrate(loader(x_val), strategy="fpr", alpha=0.1)
     assert record[0].filename == __file__  # the warning points at the caller
-    assert maha.scorer_.epsilon_ == learned and maha.calibration_.alpha == 0.1
+    assert maha.scorer_ is learned and maha.scorer_.epsilon_search_ == search and maha.calibration_.alpha == 0.1
     with pytest.warns(UserWarning):
         maha.calibrate(loader(x_val, torch.full_like(y_val, -1)), strategy="fpr", alpha=0.1)  # -1 only: unlabelled
 
@@ -242,6 +241,28 @@ def test_unlabelled_fpr_calibration_teaches_a_features_scorer_and_warns_for_a_la
     first = gmm.threshold_
     gmm.calibrate(loader(x_val, torch.full_like(y_val, -1)), strategy="fpr", alpha=0.1)
     assert gmm.threshold_ == first
+
+
+def test_conformal_fusion_keeps_the_false_alarm_guarantee_of_fpr_calibration():
+    """Mean false-alarm rate of calibrate(strategy="fpr", alpha=0.1) on fresh in-distribution rows, over 30 draws
+    of 50 validation rows: at most alpha (here about 2/26 = 0.077, the threshold being chosen on 25 rows). When
+    the p-values were calibrated on the same rows as the threshold it was 0.124 ± 0.005 (100 draws,
+    benchmarks/conformal_fusion_slack.py), because each row sat in its own calibration sets."""
+    g = torch.Generator().manual_seed(0)
+    centres = 2.0 * torch.randn(3, 16, generator=g)
+
+    def draw(n):
+        cls = torch.randint(0, 3, (n,), generator=g)
+        feats = centres[cls] + torch.randn(n, 16, generator=g)
+        return Features(feats, feats @ centres.T / 4, cls)
+
+    rates = []
+    for repeat in range(30):
+        train, val, test = draw(1000), draw(50), draw(5000)
+        det = FailureDetector(scorer="conformal_fusion", n_components=1, seed=repeat, progress=False)
+        det.fit_features(train).calibrate(val, strategy="fpr", alpha=0.1)
+        rates.append(float(det.detect_features(test).float().mean()))
+    assert sum(rates) / len(rates) <= 0.1
 
 
 def test_validation_use_of_the_built_in_scorers_and_of_custom_ones():

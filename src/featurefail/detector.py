@@ -31,6 +31,7 @@ from .distributed import (
     is_distributed,
     require_distributable,
     require_identical,
+    row_offset,
     run_on_rank_zero,
     synchronise_scorer,
     total_rows,
@@ -388,9 +389,10 @@ class FailureDetector:
 
         Scorers that learn from validation data (``fit_validation``, e.g. temperature scaling) learn here first,
         on a copy that replaces the fitted scorer only when calibration succeeds. Rows labelled ``< 0``
-        (unlabelled) never count as mistakes. With ``"fpr"`` on unlabelled data (batches without labels, or
-        every label ``< 0``), a scorer that learns from the validation features alone (``validation_use_of`` is
-        ``"features"``: the conformal fusion's p-values) learns from every row; one that needs labels
+        (unlabelled) never count as mistakes. A scorer that learns from the validation features alone (the
+        conformal fusion) learns from a seeded half of the rows and the threshold is chosen on the other half (on
+        the same rows its false alarms exceeded ``alpha``), labelled or not. With ``"fpr"`` on unlabelled data
+        (batches without labels, or every label ``< 0``), a scorer that needs labels
         (``"labels"``: ``"auto"`` settings of Mahalanobis and ODIN, the fused scorer) keeps what it learned before
         (at ``fit`` or an earlier labelled ``fit_validation``) and a ``UserWarning`` says so once the threshold is
         set; one that has learned nothing yet (temperature scaling before any labelled data) is a ``ValueError``.
@@ -417,11 +419,15 @@ class FailureDetector:
                 f"strategy {strategy!r} needs labelled validation data: pass a validation loader that yields (x, y) "
                 "(only 'fpr' works without labels)"
             )
-        unlabelled_note = None
+        unlabelled_note, use, learn = None, validation_use_of(fitted.scorer), feats
+        if use == "features":
+            # its calibration sets and the threshold from disjoint halves: a row in both scores above a new input
+            # (measured: 12.4% false alarms for alpha = 0.1 with 50 rows; benchmarks/conformal_fusion_slack.py)
+            learn, feats = self._halves(feats)
         if strategy == "fpr" and (feats.labels is None or total_rows(int((feats.labels >= 0).sum())) == 0):
-            use, wrong = validation_use_of(fitted.scorer), None
+            wrong = None
             if use == "features":
-                scorer, _ = self._validated(fitted, feats)
+                scorer, _ = self._validated(fitted, learn)
             elif use == "labels" and not fitted.scorer.is_fitted():
                 raise ValueError(
                     f"the {fitted.scorer.name!r} scorer learns from labelled validation data and has not yet: pass "
@@ -436,7 +442,9 @@ class FailureDetector:
                         "earlier fit_validation with labels); pass (x, y) batches to let it learn"
                     )
         else:
-            scorer, labelled = self._validated(fitted, feats)
+            scorer, labelled = self._validated(fitted, learn)
+            if learn is not feats:  # the threshold's half
+                labelled = feats.subset(feats.labels >= 0)
             if strategy != "fpr":
                 feats, wrong = labelled, ~labelled.correct
             else:
@@ -458,6 +466,17 @@ class FailureDetector:
             warnings.warn(unlabelled_note, UserWarning, stacklevel=2)
         self._install_scorer(fitted, scorer, result)
         return self
+
+    def _halves(self, features: Features) -> tuple[Features, Features]:
+        """This rank's rows of a seeded half of the union of all ranks' rows (rows in rank order), and the rest:
+        the same split as one process would draw on the concatenated shards."""
+        n = total_rows(len(features))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed or 0))
+        first = torch.zeros(n, dtype=torch.bool)
+        first[order[: n // 2]] = True
+        offset = row_offset(len(features))
+        mine = first[offset : offset + len(features)]
+        return features.subset(torch.nonzero(mine).flatten()), features.subset(torch.nonzero(~mine).flatten())
 
     def _shard_features(self, val_loader: Any, batch_fn: Callable | None) -> Features:
         """Features of validation data; under ``torch.distributed`` this rank's shard, which may be empty."""

@@ -154,10 +154,10 @@ class ConformalFusion(Scorer):
     ``FailureDetector.calibrate``/``fit_validation``) replaces the calibration sets by the component scores of
     the validation features — data the classifier was not trained on, so the logit confidence is calibrated
     as on test data; validation labels are not used. Nothing else is learned from any data: no weight, no
-    choice, and never a failure sample. ``FailureDetector.calibrate`` then chooses its threshold on the same
-    validation rows, each of which is in its own calibration sets (its p-values up to ``1 / (n + 1)`` higher than
-    a new input's, ``n`` validation rows): with small ``n``, the false-alarm rate of ``strategy="fpr"`` can exceed
-    ``alpha`` slightly; not measured, and the detector has no way yet to take the two from disjoint rows.
+    choice, and never a failure sample. ``FailureDetector.calibrate`` gives ``fit_validation`` a seeded half of
+    the validation rows and chooses the threshold on the other half: a row in its own calibration sets scores
+    above a new input, and with the same 50 rows for both an ``alpha = 0.1`` threshold flagged 12.4% of new
+    in-distribution inputs (``benchmarks/conformal_fusion_slack.py``).
 
     Args:
         combine: the p-value combination rule.
