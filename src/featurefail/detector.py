@@ -344,20 +344,26 @@ class FailureDetector:
                 raise ValueError("validation features need labels: pass a validation loader that yields (x, y)")
             labelled = features
         else:
-            labelled = features.subset(features.labels >= 0)
-            if use != "features" and total_rows(len(labelled)) == 0:  # under torch.distributed: of all ranks
-                raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
-            if labelled.logits is not None and len(labelled) and int(labelled.labels.max()) >= labelled.logits.shape[1]:
-                raise ValueError(
-                    f"validation labels must be class indices in [0, {labelled.logits.shape[1]}) (or < 0 for "
-                    f"unlabelled rows); got {int(labelled.labels.max())}: a label the model cannot predict would "
-                    "count as a mistake"
-                )
+            labelled = self._labelled_rows(features, required=use != "features")
         scorer = copy.deepcopy(fitted.scorer)
         scorer.attach(self._context(fitted))
         scorer.fit_validation(features if use == "features" else labelled)
         synchronise_scorer(scorer)
         return scorer, labelled
+
+    @staticmethod
+    def _labelled_rows(features: Features, *, required: bool = True) -> Features:
+        """The rows of labelled ``features`` whose label is ``>= 0``, each a class the model can predict; with
+        ``required``, at least one of them over all ranks."""
+        labelled = features.subset(features.labels >= 0)
+        if required and total_rows(len(labelled)) == 0:  # under torch.distributed: of all ranks
+            raise ValueError("the validation data have no labelled rows; every label is < 0 (unlabelled)")
+        if labelled.logits is not None and len(labelled) and int(labelled.labels.max()) >= labelled.logits.shape[1]:
+            raise ValueError(
+                f"validation labels must be class indices in [0, {labelled.logits.shape[1]}) (or < 0 for unlabelled "
+                f"rows); got {int(labelled.labels.max())}: a label the model cannot predict would count as a mistake"
+            )
+        return labelled
 
     def _install_scorer(self, fitted: FittedState, scorer: Scorer, threshold: ThresholdResult | None) -> None:
         with self._lock:
@@ -444,7 +450,7 @@ class FailureDetector:
         else:
             scorer, labelled = self._validated(fitted, learn)
             if learn is not feats:  # the threshold's half
-                labelled = feats.subset(feats.labels >= 0)
+                labelled = self._labelled_rows(feats, required=strategy != "fpr")
             if strategy != "fpr":
                 feats, wrong = labelled, ~labelled.correct
             else:
