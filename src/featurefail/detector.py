@@ -31,8 +31,8 @@ from .distributed import (
     is_distributed,
     require_distributable,
     require_identical,
-    row_offset,
     run_on_rank_zero,
+    split_union,
     synchronise_scorer,
     total_rows,
 )
@@ -476,13 +476,8 @@ class FailureDetector:
     def _halves(self, features: Features) -> tuple[Features, Features]:
         """This rank's rows of a seeded half of the union of all ranks' rows (rows in rank order), and the rest:
         the same split as one process would draw on the concatenated shards."""
-        n = total_rows(len(features))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed or 0))
-        first = torch.zeros(n, dtype=torch.bool)
-        first[order[: n // 2]] = True
-        offset = row_offset(len(features))
-        mine = first[offset : offset + len(features)]
-        return features.subset(torch.nonzero(mine).flatten()), features.subset(torch.nonzero(~mine).flatten())
+        first, rest = split_union(len(features), total_rows(len(features)) // 2, self.config.seed or 0)
+        return features.subset(first), features.subset(rest)
 
     def _shard_features(self, val_loader: Any, batch_fn: Callable | None) -> Features:
         """Features of validation data; under ``torch.distributed`` this rank's shard, which may be empty."""

@@ -224,6 +224,19 @@ def row_offset(n_local: int) -> int:
     return int(counts[:rank_].sum().item())
 
 
+def split_union(n_local: int, n_drawn: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's row indices (sorted) among ``n_drawn`` rows drawn by a seeded permutation of the union of all
+    ranks' rows (rows in rank order), and of the rest: the split one process would draw on the concatenated
+    shards. Outside a process group, a seeded split of ``n_local`` rows."""
+    n = total_rows(n_local)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    drawn = torch.zeros(n, dtype=torch.bool)
+    drawn[order[:n_drawn]] = True
+    offset = row_offset(n_local)
+    mine = drawn[offset : offset + n_local]
+    return torch.nonzero(mine).flatten(), torch.nonzero(~mine).flatten()
+
+
 def require_single_process(what: str) -> None:
     """Raise a clear ``RuntimeError`` when called inside a process group of two or more ranks."""
     active, _, world = distributed_info()

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..distributed import all_gather_rows, row_offset, total_rows
+from ..distributed import all_gather_rows, split_union, total_rows
 from ..features import Features
 from .base import Scorer, ValidationUse, build_scorer, check_features, register_scorer
 from .gmm import GMMScorer
@@ -232,12 +232,8 @@ class ConformalFusion(Scorer):
         n_cal = max(1, round(self.calibration_fraction * n))
         if n - n_cal < 2:
             raise ValueError(f"conformal_fusion needs at least {n_cal + 2} training rows, got {n}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.random_state or 0))
-        held_out = torch.zeros(n, dtype=torch.bool)
-        held_out[order[:n_cal]] = True
-        offset = row_offset(n_local)
-        mine = held_out[offset : offset + n_local]
-        return torch.nonzero(~mine).flatten(), torch.nonzero(mine).flatten()
+        held_out, kept = split_union(n_local, n_cal, self.random_state or 0)
+        return kept, held_out
 
     def _logit_module(self) -> nn.Module:
         return MaxSoftmaxModule() if self.logit_score == "max_softmax" else EnergyModule()
