@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models"))
+import cpu_speed
 from architectures import ARCHITECTURES, Residual, WhitenedResNet9, WhitenedVGG, load_reference_model, make_model
 from cifar_data import cifar10_splits, translate_and_flip
 from cpu_speed import cpu_description
@@ -813,3 +814,19 @@ def test_fixmatch_control_trains_on_the_labelled_images_alone():
         train_fixmatch(
             model, x, y, x[:0], Recipe(batch=80), FixMatch(steps=1), device=torch.device("cpu"), seed=0, bf16=False
         )
+
+
+def test_thread_table_times_each_count_and_restores_the_setting(monkeypatch):
+    seen = []
+
+    def fake_speed(arch, widths, bf16, channels_last):  # the speed a count gives: 100 img/s per thread
+        seen.append((arch, torch.get_num_threads(), bf16, channels_last))
+        return 100.0 * torch.get_num_threads(), 0.0
+
+    monkeypatch.setattr(cpu_speed, "images_per_second", fake_speed)
+    before = torch.get_num_threads()
+    lines = cpu_speed.thread_table([0], [1, 2])
+    assert [n for _, n, _, _ in seen] == [1, 2] and all(bf16 and cl for *_, bf16, cl in seen)
+    assert lines[0] == "| model | 1 thread | 2 threads |"
+    assert lines[2] == "| vgg 96/384/384 | 100 img/s | 200 img/s (2.00×) |"
+    assert torch.get_num_threads() == before

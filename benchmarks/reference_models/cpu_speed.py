@@ -2,10 +2,13 @@
 
     python benchmarks/reference_models/cpu_speed.py
     python benchmarks/reference_models/cpu_speed.py --compile   # also torch.compile (inductor), bf16 + CL
+    python benchmarks/reference_models/cpu_speed.py --threads 1 2 4 --models 0   # bf16 + CL at each thread count
 
 One SGD step (forward, backward, update) on a batch of 1,024 random images, one warm-up then 3 timed steps,
 for each model and setting, in one run; prints images/s. With ``--compile`` the model is also wrapped in
-``torch.compile`` and the warm-up step's seconds (the compilation) are printed beside its images/s.
+``torch.compile`` and the warm-up step's seconds (the compilation) are printed beside its images/s. With
+``--threads`` it times bf16 autocast + channels-last at each intra-op thread count instead (``train.py
+--threads``), the process's own setting restored afterwards.
 """
 
 from __future__ import annotations
@@ -89,12 +92,38 @@ def images_per_second(
     return batch * steps / (time.perf_counter() - start), warm_up
 
 
+def thread_table(models: list[int], counts: list[int]) -> list[str]:
+    """Markdown rows: bf16 + channels-last images/s of each model at each intra-op thread count, and each
+    count's speed against the first."""
+    before = torch.get_num_threads()
+    lines = ["| model | " + " | ".join(f"{n} thread{'s' * (n > 1)}" for n in counts) + " |"]
+    lines.append("|---|" + "---|" * len(counts))
+    try:
+        for arch, widths in (MODELS[i] for i in models):
+            speeds = []
+            for n in counts:
+                torch.set_num_threads(n)
+                speeds.append(images_per_second(arch, widths, bf16=True, channels_last=True)[0])
+            name = f"{arch} {'/'.join(map(str, widths))}" if widths else arch
+            cells = [f"{v:.0f} img/s" + (f" ({v / speeds[0]:.2f}×)" if i else "") for i, v in enumerate(speeds)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    finally:
+        torch.set_num_threads(before)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile with bf16 + channels-last")
     parser.add_argument("--models", nargs="+", type=int, default=list(range(len(MODELS))), help="indices in MODELS")
+    parser.add_argument("--threads", nargs="+", type=int, help="time bf16 + channels-last at these thread counts")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_description()}")
+    if args.threads:
+        if min(args.threads) < 1:
+            parser.error("--threads: thread counts must be at least 1")
+        print("\n".join(thread_table(args.models, args.threads)), flush=True)
+        return
     head = "| model | bf16 autocast + channels-last | float32, contiguous | speed-up |"
     if args.compile:
         head += " compiled, bf16 + channels-last (first step) | compiled vs eager bf16 |"
