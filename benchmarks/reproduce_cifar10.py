@@ -752,7 +752,7 @@ def _purification_reason(purified: list[dict]) -> str:
     return "it breaks significantly more predictions than it fixes (sign test p < 0.05 at some ν)"
 
 
-def _shortfall_reason(
+def shortfall_reason(
     auroc: dict[str, dict[str, float]], sources: list[str], threshold: float, inclusive: bool = False
 ) -> str:
     """Which of ``sources`` the ``paper`` row leaves short of ``threshold`` (AUROCs, 0–1; passing means above it,
@@ -761,13 +761,13 @@ def _shortfall_reason(
     parts = []
     for source in sources:
         others = {row: values[source] for row, values in auroc.items() if row != "paper" and source in values}
-        best_row = max(others, key=others.get)
-        default = others.get("default")
-        default_text = f"`default` {100 * default:.1f}, " if default is not None else ""
-        parts.append(
-            f"{_short(source)}: `paper` {100 * auroc['paper'][source]:.1f}, {default_text}"
-            f"best row `{best_row}` {100 * others[best_row]:.1f}"
-        )
+        text = f"{_short(source)}: `paper` {100 * auroc['paper'][source]:.1f}"
+        if "default" in others:
+            text += f", `default` {100 * others['default']:.1f}"
+        if others:
+            best_row = max(others, key=others.get)
+            text += f", best row `{best_row}` {100 * others[best_row]:.1f}"
+        parts.append(text)
     default = auroc.get("default", {})
     default_ok = all(
         source in default and (default[source] >= threshold if inclusive else default[source] > threshold)
@@ -802,7 +802,7 @@ def paper_claims_section(runs: list[dict]) -> list[str]:
                 "Misclassified test inputs have lower likelihood (one-sided Mann–Whitney, p < 0.01)", []
             ).append(_cell("✓" if ok else "✗", text))
             if not ok:
-                reasons.append(f"- **Mistakes, {name}**: {_shortfall_reason(auroc, ['test mistakes'], 0.5)}")
+                reasons.append(f"- **Mistakes, {name}**: {shortfall_reason(auroc, ['test mistakes'], 0.5)}")
         for kind, label in (("fgsm", "FGSM"), ("bim", "BIM")):
             values = {src: v for src, v in paper.items() if src.startswith(kind)}
             if values:
@@ -813,7 +813,7 @@ def paper_claims_section(runs: list[dict]) -> list[str]:
                 ).append(_cell(mark, text))
                 if mark != "✓":
                     short = [src for src, v in values.items() if v <= 0.5]
-                    reasons.append(f"- **{label}, {name}**: {_shortfall_reason(auroc, short, 0.5)}")
+                    reasons.append(f"- **{label}, {name}**: {shortfall_reason(auroc, short, 0.5)}")
         ood = {src: v for src, v in paper.items() if src.startswith("ood")}
         if ood:
             mark = "✓" if min(ood.values()) >= 0.9 else "~" if min(ood.values()) > 0.5 else "✗"
@@ -823,7 +823,7 @@ def paper_claims_section(runs: list[dict]) -> list[str]:
             )
             if mark != "✓":
                 short = [src for src, v in ood.items() if v < 0.9]
-                reasons.append(f"- **OOD, {name}**: {_shortfall_reason(auroc, short, 0.9, inclusive=True)}")
+                reasons.append(f"- **OOD, {name}**: {shortfall_reason(auroc, short, 0.9, inclusive=True)}")
         purified = run.get("purification") or []
         if purified:
             best = max(100 * (r["accuracy_after"] - r["accuracy_before"]) for r in purified)

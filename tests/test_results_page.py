@@ -238,3 +238,9 @@ def test_every_claim_short_of_a_tick_gets_a_reason_read_from_the_same_run():
     purification[0].update(fixed=2, broken=20, sign_test_p=page.sign_test(2, 20))
     text = "\n".join(page.paper_claims_section(runs))
     assert "breaks significantly more predictions than it fixes" in text
+
+
+def test_a_shortfall_with_no_other_row_on_its_source_still_gets_a_reason():
+    auroc = {"paper": {"ood: mnist": 0.60}}
+    reason = page.shortfall_reason(auroc, ["ood: mnist"], 0.9, inclusive=True)
+    assert reason.startswith("mnist: `paper` 60.0 — ") and "misses it too" in reason
