@@ -181,6 +181,8 @@ def test_committed_weights_are_found():
     assert {p.stem for p in COMMITTED_WEIGHTS} >= {"vgg", "vgg-tanh", "resnet9", "resnet9-whitened"}
     for path in COMMITTED_WEIGHTS:  # the results page keys caches and runs by the card's name, --models by the file's
         assert json.loads(path.with_suffix(".json").read_text())["name"] == path.stem
+    for card in COMMITTED_WEIGHTS[0].parent.glob("*.json"):  # cards without weights too (a labelled-only baseline)
+        assert json.loads(card.read_text())["name"] == card.stem, card
 
 
 def test_default_output_folder_is_ignored_and_never_the_committed_weights():

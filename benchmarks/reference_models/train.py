@@ -8,7 +8,9 @@
     ... --device cuda
 
 The defaults are the schedules ``sweep.py`` chose on the validation split, except ``resnet9-whitened``'s 28 epochs
-and widths, set from the CPU's training speed to fit 90 minutes (each card holds its command; a card
+and widths, set from the CPU's training speed to fit 90 minutes on a machine without AMX (the committed
+``resnet9-whitened`` is wider and longer, ``--widths 144 288 576 --epochs 32``, which fits 90 minutes only with
+AMX: benchmarks/README.md) (each card holds its command; a card
 written on the H200 by ``sweep.py`` holds the sweep run's arguments without its ``--name`` / ``--out``).
 
 Recipe (after the airbench speed runs, our own implementation): batch 1024, Nesterov SGD (momentum 0.85) on the
