@@ -832,3 +832,15 @@ def test_thread_table_times_each_count_and_restores_the_setting(monkeypatch):
     assert lines[0] == "| model | 1 thread | 2 threads |"
     assert lines[2] == "| vgg 96/384/384 | 100 img/s | 200 img/s (2.00×) |"
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_each_architecture_trains_with_the_production_settings(arch):
+    """bf16 autocast and channels-last, as every committed model was trained: the loss still falls and the
+    trained model is left in float32 (autocast never casts the parameters)."""
+    x, y = synthetic_images(128)
+    model = make_model(arch)
+    recipe = Recipe(epochs=6, batch=32, lr=0.5, whiten_bias_epochs=1)
+    result = train(model, x, y, recipe, device=torch.device("cpu"), seed=0, bf16=True, channels_last=True)
+    assert sum(result["losses"][-2:]) / 2 < 0.85 * result["losses"][0], result["losses"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
