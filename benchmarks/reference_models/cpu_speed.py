@@ -58,6 +58,8 @@ MODELS = [
     ("resnet9-whitened", (128, 256, 512)),
     ("resnet9-whitened", (144, 288, 576)),
     ("resnet9-whitened", (160, 320, 640)),
+    ("vgg", (112, 448, 448)),
+    ("vgg", (128, 512, 512)),
 ]
 
 
