@@ -244,3 +244,34 @@ def test_a_shortfall_with_no_other_row_on_its_source_still_gets_a_reason():
     auroc = {"paper": {"ood: mnist": 0.60}}
     reason = page.shortfall_reason(auroc, ["ood: mnist"], 0.9, inclusive=True)
     assert reason.startswith("mnist: `paper` 60.0 — ") and "misses it too" in reason
+
+
+def _purified(before: float, after: float, fixed: int, broken: int, nu: float = 0.0) -> dict:
+    return {"nu": nu, "images": 5000, "accuracy_before": before, "accuracy_after": after, "changed": 0.01,
+            "fixed": fixed, "broken": broken, "sign_test_p": page.sign_test(fixed, broken)}  # fmt: skip
+
+
+def test_purification_counts_as_a_gain_only_beyond_chance():
+    # +0.10 from 15 fixed against 10 broken: p = 0.42, a gain within chance
+    mark, why = page.purification_verdict([_purified(0.9102, 0.9112, 15, 10)])
+    assert mark == "~" and "within chance (sign test p = 0.42)" in why
+    # +0.40 from 30 fixed against 10 broken: p = 0.0022
+    assert page.purification_verdict([_purified(0.90, 0.904, 30, 10), _purified(0.90, 0.899, 5, 10, 0.01)]) == (
+        "✓",
+        "",
+    )
+    assert page.purification_verdict([_purified(0.90, 0.91, 60, 10)])[0] == "~"  # +1.0: above the paper's bound
+    mark, why = page.purification_verdict([_purified(0.90, 0.8986, 9, 16)])
+    assert mark == "✗" and "no loss beyond chance" in why
+    old = {key: value for key, value in _purified(0.90, 0.901, 6, 1).items() if key in ("nu", "accuracy_before",
+           "accuracy_after", "changed")}  # fmt: skip
+    assert page.purification_verdict([old]) == ("✓", "")  # runs saved before the counts: the gain alone
+
+
+def test_the_header_names_the_cpus_the_runs_recorded():
+    amx = {"model": "Xeon", "logical_cpus": 2, "bf16_instructions": ["amx_bf16", "avx512_bf16"]}
+    plain = {"model": "EPYC", "logical_cpus": 2, "bf16_instructions": []}
+    runs = [{"cpu": amx}, {"cpu": amx}, {"cpu": plain}, {}]
+    assert page.machines_of(runs) == (
+        "runs on Xeon with amx_bf16, avx512_bf16 / EPYC with no bf16 instructions / CPU not recorded"
+    )
