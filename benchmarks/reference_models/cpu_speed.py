@@ -94,6 +94,11 @@ def images_per_second(
     return batch * steps / (time.perf_counter() - start), warm_up
 
 
+def model_name(arch: str, widths) -> str:
+    """``"vgg 96/384/384"``; the architecture alone where it runs on its default widths."""
+    return f"{arch} {'/'.join(map(str, widths))}" if widths else arch
+
+
 def thread_table(models: list[int], counts: list[int]) -> list[str]:
     """Markdown rows: bf16 + channels-last images/s of each model at each intra-op thread count, and each
     count's speed against the first."""
@@ -106,7 +111,7 @@ def thread_table(models: list[int], counts: list[int]) -> list[str]:
             for n in counts:
                 torch.set_num_threads(n)
                 speeds.append(images_per_second(arch, widths, bf16=True, channels_last=True)[0])
-            name = f"{arch} {'/'.join(map(str, widths))}" if widths else arch
+            name = model_name(arch, widths)
             cells = [f"{v:.0f} img/s" + (f" ({v / speeds[0]:.2f}×)" if i else "") for i, v in enumerate(speeds)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     finally:
@@ -133,7 +138,7 @@ def main() -> None:
     for arch, widths in (MODELS[i] for i in args.models):
         fast, _ = images_per_second(arch, widths, bf16=True, channels_last=True)
         slow, _ = images_per_second(arch, widths, bf16=False, channels_last=False)
-        name = f"{arch} {'/'.join(map(str, widths))}" if widths else arch
+        name = model_name(arch, widths)
         line = f"| {name} | {fast:.0f} img/s | {slow:.0f} img/s | {fast / slow:.2f}× |"
         if args.compile:
             compiled, first = images_per_second(arch, widths, bf16=True, channels_last=True, compile_model=True)
