@@ -844,3 +844,71 @@ def test_each_architecture_trains_with_the_production_settings(arch):
     result = train(model, x, y, recipe, device=torch.device("cpu"), seed=0, bf16=True, channels_last=True)
     assert sum(result["losses"][-2:]) / 2 < 0.85 * result["losses"][0], result["losses"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_jpeg_reencode_damages_more_at_lower_quality_and_keeps_shape():
+    import data_cost_study
+
+    images, _ = synthetic_images(16)
+    near, far = data_cost_study.jpeg_reencode(images, 95), data_cost_study.jpeg_reencode(images, 10)
+    assert near.shape == far.shape == images.shape and near.dtype == far.dtype == torch.uint8
+    assert not torch.equal(near, images)
+    brute = torch.tensor(
+        [(a.double() - b.double()).abs().mean().item() for a, b in zip(far, images, strict=True)], dtype=torch.float64
+    )
+    assert torch.allclose(data_cost_study.mean_abs_deviation(far, images).double(), brute, atol=1e-5)
+    assert (data_cost_study.mean_abs_deviation(near, images) < data_cost_study.mean_abs_deviation(far, images)).all()
+
+
+def test_data_cost_estimates_match_their_closed_forms():
+    import math
+
+    from data_cost_study import jpeg_cost, size_cost
+
+    cost = jpeg_cost([0.0, 2.0, 4.0], [0.90, 0.88, 0.86], (4.5, 8.0))  # exactly −0.01 per grey level
+    assert cost["slope_per_grey_level"] == pytest.approx(-0.01)
+    assert cost["cost_low"] == pytest.approx(0.045) and cost["cost_high"] == pytest.approx(0.08)
+    x, acc = np.array([0.0, 1.0, 3.0, 5.0]), np.array([0.9, 0.89, 0.86, 0.85])
+    slope = ((x - x.mean()) * (acc - acc.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert jpeg_cost(list(x), list(acc), (1.0, 2.0))["cost_high"] == pytest.approx(-2 * slope)
+    # accuracy = a + b·log(n): 35k → 45k gains b·log(45/35), 45k → 50k would gain b·log(50/45)
+    b = 0.02
+    assert size_cost(0.9 + b * math.log(35), 35_000, 0.9 + b * math.log(45), 45_000, 50_000) == pytest.approx(
+        b * math.log(50 / 45)
+    )
+
+
+def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeypatch, capsys):
+    import data_cost_study
+    from train import Recipe
+
+    fake_cifar_folder(tmp_path / "data")  # 600 training images after the 5,000 validation ones
+    conditions = {"given": (None, 600), "given-35k": (None, 400), "q50": (50, 600), "q30": (30, 600), "q15": (15, 600)}
+    monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
+    monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
+    monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
+    out = tmp_path / "study.jsonl"
+    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "q50"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["condition"] for r in rows] == ["given", "q50"]
+    assert rows[0]["distortion_mean"] == 0 and rows[1]["distortion_mean"] > 0 and rows[1]["steps"] == 3
+    assert set(rows[1]["test"]) == {"plain", "flip", "flip+translate"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a condition already in the file was trained again")
+
+    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given"])
+    monkeypatch.setattr(data_cost_study, "train", no_training)
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="trained again"):
+        data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    monkeypatch.undo()
+    monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
+    monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
+    monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
+    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    rows = {r["condition"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == ["given", "q50", "given-35k", "q30", "q15"] and rows["given-35k"]["steps"] == 2
+    assert rows["q50"]["distortion_mean"] < rows["q30"]["distortion_mean"] < rows["q15"]["distortion_mean"]
+    printed = capsys.readouterr().out
+    assert "points per grey level" in printed and printed.count("\n| q") == 3 and printed.count("\n| given") == 2
