@@ -888,7 +888,9 @@ def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
     monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
     out = tmp_path / "study.jsonl"
-    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "q50"])
+    data_cost_study.main(
+        ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "q50", "--no-compute"]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["condition"] for r in rows] == ["given", "q50"]
     assert rows[0]["distortion_mean"] == 0 and rows[1]["distortion_mean"] > 0 and rows[1]["steps"] == 3
@@ -897,18 +899,42 @@ def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("a condition already in the file was trained again")
 
-    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given"])
+    data_cost_study.main(
+        ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "--no-compute"]
+    )
     monkeypatch.setattr(data_cost_study, "train", no_training)
     capsys.readouterr()
     with pytest.raises(AssertionError, match="trained again"):
-        data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out)])
+        data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"])
     monkeypatch.undo()
     monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
     monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
     monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
-    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"])
     rows = {r["condition"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert list(rows) == ["given", "q50", "given-35k", "q30", "q15"] and rows["given-35k"]["steps"] == 2
     assert rows["q50"]["distortion_mean"] < rows["q30"]["distortion_mean"] < rows["q15"]["distortion_mean"]
     printed = capsys.readouterr().out
     assert "points per grey level" in printed and printed.count("\n| q") == 3 and printed.count("\n| given") == 2
+
+
+def test_training_flops_match_airbench_published_counts():
+    from data_cost_study import PUBLISHED, training_flops
+
+    for name in ("airbench94", "airbench95"):  # airbench's README: 0.36 and 1.39 PFLOPs on 50,000 images
+        run = PUBLISHED[name]
+        counted = training_flops(run["arch"], run["widths"], run["epochs"] * 50_000)
+        assert counted / 1e15 == pytest.approx(run["pflops"], rel=0.05)
+    # a multiply-add is two operations: a 3×3 conv c_in → c_out on an H×W map costs 2·9·c_in·c_out·H·W forward;
+    # block3 works on the 7×7 map (32 → whitening 31 → 15 → 7), its second conv after the pool on 3×3
+    small, wide = training_flops("vgg", (8, 16, 16), 1), training_flops("vgg", (8, 16, 32), 1)
+    forward_extra = 2 * 9 * 16 * (32 - 16) * 7 * 7 + 2 * 9 * (32 * 32 - 16 * 16) * 3 * 3 + 2 * (32 - 16) * 10
+    assert wide - small == pytest.approx(3 * forward_extra, rel=0.02)  # forward + input and weight gradients
+
+
+def test_compute_lines_read_the_committed_cards():
+    from data_cost_study import OUR_RUNS, compute_lines
+
+    lines = compute_lines(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models")
+    assert len([line for line in lines if "JPEG q75, 45,000" in line]) == len(OUR_RUNS)
+    assert "TFLOP/s" in lines[-1] and "90 minutes train" in lines[-1]

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import make_model
@@ -91,6 +92,61 @@ def size_cost(accuracy_small: float, n_small: int, accuracy: float, n: int, n_fu
     """The accuracy (fraction) that training on ``n`` instead of ``n_full`` images costs, extrapolated log-linearly
     from ``accuracy_small`` at ``n_small`` and ``accuracy`` at ``n`` images (positive = lost)."""
     return (accuracy - accuracy_small) * math.log(n_full / n) / math.log(n / n_small)
+
+
+def training_flops(arch: str, widths: tuple[int, ...], images: int) -> float:
+    """Floating-point operations (a multiply-add counts two) of training ``arch`` at ``widths`` on ``images``
+    images in all (epochs × images per epoch): forward and backward passes as PyTorch's ``FlopCounterMode`` counts
+    them on a batch of two."""
+    torch.manual_seed(0)
+    model = make_model(arch, widths).train()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(2, 3, 32, 32)).sum().backward()
+    return counter.get_total_flops() / 2 * images
+
+
+PUBLISHED = {  # airbench's README (Jordan, 2024): original CIFAR-10, 50,000 training images, flip + translate TTA
+    "airbench94": {"arch": "vgg", "widths": (64, 256, 256), "epochs": 10, "accuracy": 0.9401, "pflops": 0.36},
+    "airbench95": {"arch": "vgg", "widths": (128, 384, 384), "epochs": 15, "accuracy": 0.9501, "pflops": 1.39},
+    "airbench96": {"arch": None, "widths": None, "epochs": None, "accuracy": 0.9603, "pflops": 4.9},
+}
+OUR_RUNS = ("weights/vgg.json", "cpu_run/vgg-128-cpu.json", "weights/resnet9-whitened.json")  # cards, on this data
+
+
+def compute_lines(folder: Path, budget_seconds: float = 90 * 60) -> list[str]:
+    """Markdown: the training compute of airbench's published runs (counted here for the two VGG-shaped ones,
+    beside the published figure) and of our runs on this data (from their cards in ``folder``, CPU seconds where
+    the card has them), then what the best measured CPU rate does in ``budget_seconds``."""
+    lines = [
+        "| run | data | training PFLOPs (counted; published) | test, one view | test, flip + translate | CPU loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in PUBLISHED.items():
+        counted = (
+            f"{training_flops(run['arch'], run['widths'], run['epochs'] * 50_000) / 1e15:.2f}" if run["arch"] else "–"
+        )
+        lines.append(
+            f"| {name} | original, 50,000 | {counted}; {run['pflops']} | – | {100 * run['accuracy']:.2f}% | – |"
+        )
+    best_rate = 0.0
+    for path in OUR_RUNS:
+        card = json.loads((folder / path).read_text())
+        flops = training_flops(card["arch"], tuple(card["widths"]), card["steps"] * card["recipe"]["batch"])
+        on_cpu = card["device"] == "cpu"
+        if on_cpu:
+            best_rate = max(best_rate, flops / card["seconds"])
+        loop = f"{card['seconds'] / 60:.1f} min ({flops / card['seconds'] / 1e12:.2f} TFLOP/s)" if on_cpu else "–"
+        lines.append(
+            f"| {card['name']} ({card['arch']} {'/'.join(map(str, card['widths']))}, {card['epochs']} epochs) | "
+            f"JPEG q75, 45,000 | {flops / 1e15:.2f} | {100 * card['test_accuracy']:.2f}% | "
+            f"{100 * card['test_accuracy_flip_translate_tta']:.2f}% | {loop} |"
+        )
+    lines += [
+        "",
+        f"At the best CPU rate above ({best_rate / 1e12:.2f} TFLOP/s), {budget_seconds / 60:.0f} minutes train "
+        f"{best_rate * budget_seconds / 1e15:.1f} PFLOPs.",
+    ]
+    return lines
 
 
 def run_condition(name: str, data_dir: str, device: torch.device, seed: int) -> dict:
@@ -166,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="JSON lines, one per condition; conditions already there are kept")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compute", action="store_true", help="skip the compute table (counted FLOPs)")
     parser.add_argument("--conditions", nargs="*", default=list(CONDITIONS), choices=list(CONDITIONS))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -188,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     print("\n".join(summary(rows)))
+    if not args.no_compute:
+        print("\n".join(["", *compute_lines(Path(__file__).resolve().parent)]))
 
 
 if __name__ == "__main__":
