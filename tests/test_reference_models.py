@@ -883,7 +883,16 @@ def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeyp
     from train import Recipe
 
     fake_cifar_folder(tmp_path / "data")  # 600 training images after the 5,000 validation ones
-    conditions = {"given": (None, 600), "given-35k": (None, 400), "q50": (50, 600), "q30": (30, 600), "q15": (15, 600)}
+    from data_cost_study import Condition
+
+    conditions = {
+        "given": Condition(training_images=600),
+        "given-35k": Condition(training_images=400),
+        "q50": Condition(50, 600),
+        "q30": Condition(30, 600),
+        "q15": Condition(15, 600),
+        "given-fp32": Condition(training_images=600, bf16=False, whiten_bias_lr_scale=1.0),
+    }
     monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
     monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
     monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
@@ -912,10 +921,12 @@ def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
     data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"])
     rows = {r["condition"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(rows) == ["given", "q50", "given-35k", "q30", "q15"] and rows["given-35k"]["steps"] == 2
+    assert list(rows) == ["given", "q50", "given-35k", "q30", "q15", "given-fp32"] and rows["given-35k"]["steps"] == 2
+    assert rows["given-fp32"]["bf16"] is False and rows["given-fp32"]["whiten_bias_lr_scale"] == 1.0
     assert rows["q50"]["distortion_mean"] < rows["q30"]["distortion_mean"] < rows["q15"]["distortion_mean"]
     printed = capsys.readouterr().out
-    assert "points per grey level" in printed and printed.count("\n| q") == 3 and printed.count("\n| given") == 2
+    assert "points per grey level" in printed and printed.count("\n| q") == 3 and printed.count("\n| given") == 3
+    assert "| float32, whitening bias 1× lr |" in printed
 
 
 def test_training_flops_match_airbench_published_counts():
@@ -938,3 +949,16 @@ def test_compute_lines_read_the_committed_cards():
     lines = compute_lines(Path(__file__).resolve().parents[1] / "benchmarks" / "reference_models")
     assert len([line for line in lines if "JPEG q75, 45,000" in line]) == len(OUR_RUNS)
     assert "TFLOP/s" in lines[-1] and "90 minutes train" in lines[-1]
+
+
+def test_whitening_bias_learning_rate_has_its_own_scale():
+    from train import sgd_with_schedule
+
+    model = make_model("vgg", (8, 16, 16))
+    optimizer, _ = sgd_with_schedule(model, Recipe(lr=0.5, bias_lr_scale=64, whiten_bias_lr_scale=1), 10, 3)
+    others, biases, whiten = optimizer.param_groups
+    assert whiten["params"] == [model.whiten.bias] and len(biases["params"]) == 6
+    assert biases["initial_lr"] == pytest.approx(32) and whiten["initial_lr"] == pytest.approx(0.5)
+    # the same per-step decay in every group: lr · weight_decay = the recipe's weight decay
+    for group in (others, biases, whiten):
+        assert group["initial_lr"] * group["weight_decay"] == pytest.approx(Recipe().weight_decay)
