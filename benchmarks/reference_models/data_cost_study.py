@@ -237,6 +237,17 @@ def summary(rows: dict[str, dict]) -> list[str]:
         f"So `given` ({100 * given:.2f}%) would be {100 * (given + low):.1f}–{100 * (given + high):.1f}% on the "
         f"original data with 50,000 training images, against the published {100 * AIRBENCH94:.2f}%; and 93% on this "
         f"data corresponds to about {93 + 100 * low:.1f}–{93 + 100 * high:.1f}% on the original.",
+        "Sensitivity (each re-encoding alone, the line through it and `given`): "
+        + "; ".join(
+            f"{n} {100 * (rows[n]['test'][view] - given) / rows[n]['distortion_mean']:+.2f} points per grey level → "
+            + "–".join(
+                f"{-100 * (rows[n]['test'][view] - given) / rows[n]['distortion_mean'] * d:.1f}"
+                for d in GIVEN_DISTORTION
+            )
+            for n in jpeg_names[1:]
+        )
+        + " points: the cost per grey level grows with the damage, so the estimate depends on where the given "
+        "images' own damage sits on that curve.",
     ]
     return lines
 
