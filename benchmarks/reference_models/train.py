@@ -21,7 +21,8 @@ flips (each image flipped on every other epoch, from a random start) and a 12×1
 mixup (Zhang et al., ICLR 2018: each batch mixed with a shuffled copy of itself by one Beta(α, α) weight, the
 two label-smoothed losses weighted as their images) to every model the call trains. The whitening filters of
 the VGG and of the whitened ResNet-9 come from the training images' 2×2 patches; their whitening bias trains for
-the first 3 epochs only. On a CPU, bf16 autocast and channels-last memory make training 2.3–2.6× faster than
+the first 3 epochs only, at 64× the learning rate like the BatchNorm shifts (``--whiten-bias-lr-scale 1``: airbench94's
+1×). On a CPU, bf16 autocast and channels-last memory make training 2.3–2.6× faster than
 float32 (``--no-bf16`` / ``--no-channels-last`` to compare; figures in benchmarks/README.md).
 
 Semi-supervised (``--semi``): curriculum labelling (Cascante-Bonilla et al., AAAI 2021). Round 0 trains on the
