@@ -878,11 +878,9 @@ def test_data_cost_estimates_match_their_closed_forms():
     )
 
 
-def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeypatch, capsys):
+def tiny_data_cost_study(monkeypatch):
+    """``data_cost_study`` shrunk to the fake data's 600 training images, a tiny VGG and one epoch."""
     import data_cost_study
-    from train import Recipe
-
-    fake_cifar_folder(tmp_path / "data")  # 600 training images after the 5,000 validation ones
     from data_cost_study import Condition
 
     conditions = {
@@ -896,37 +894,69 @@ def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeyp
     monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
     monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
     monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
+    return data_cost_study
+
+
+def test_data_cost_study_runs_every_condition_once_and_resumes(tmp_path, monkeypatch, capsys):
+    study = tiny_data_cost_study(monkeypatch)
+    fake_cifar_folder(tmp_path / "data")  # 600 training images after the 5,000 validation ones
     out = tmp_path / "study.jsonl"
-    data_cost_study.main(
-        ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "q50", "--no-compute"]
-    )
+    common = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"]
+    study.main([*common, "--conditions", "given", "q50"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["condition"] for r in rows] == ["given", "q50"]
     assert rows[0]["distortion_mean"] == 0 and rows[1]["distortion_mean"] > 0 and rows[1]["steps"] == 3
     assert set(rows[1]["test"]) == {"plain", "flip", "flip+translate"}
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a condition already in the file was trained again")
-
-    data_cost_study.main(
-        ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--conditions", "given", "--no-compute"]
-    )
-    monkeypatch.setattr(data_cost_study, "train", no_training)
+    trained = []
+    real_train = study.train
+    monkeypatch.setattr(study, "train", lambda *a, **k: trained.append(a[3]) or real_train(*a, **k))
+    study.main([*common, "--conditions", "given", "q50"])  # both saved: nothing trained, nothing appended
+    assert trained == [] and len(out.read_text().splitlines()) == 2
     capsys.readouterr()
-    with pytest.raises(AssertionError, match="trained again"):
-        data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"])
-    monkeypatch.undo()
-    monkeypatch.setattr(data_cost_study, "CONDITIONS", conditions)
-    monkeypatch.setattr(data_cost_study, "WIDTHS", (8, 16, 16))
-    monkeypatch.setattr(data_cost_study, "RECIPE", Recipe(epochs=1, batch=200))
-    data_cost_study.main(["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute"])
-    rows = {r["condition"]: r for r in map(json.loads, out.read_text().splitlines())}
+    study.main(common)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6 and len(trained) == 4
+    rows = {r["condition"]: r for r in map(json.loads, lines)}
     assert list(rows) == ["given", "q50", "given-35k", "q30", "q15", "given-fp32"] and rows["given-35k"]["steps"] == 2
-    assert rows["given-fp32"]["bf16"] is False and rows["given-fp32"]["whiten_bias_lr_scale"] == 1.0
+    assert rows["given-fp32"]["bf16"] is False and rows["given-fp32"]["recipe"]["whiten_bias_lr_scale"] == 1.0
     assert rows["q50"]["distortion_mean"] < rows["q30"]["distortion_mean"] < rows["q15"]["distortion_mean"]
     printed = capsys.readouterr().out
     assert "points per grey level" in printed and printed.count("\n| q") == 3 and printed.count("\n| given") == 3
     assert "| float32, whitening bias 1× lr |" in printed
+
+
+def test_data_cost_study_trains_each_condition_with_its_own_recipe_and_precision(tmp_path, monkeypatch):
+    study = tiny_data_cost_study(monkeypatch)
+    fake_cifar_folder(tmp_path / "data")
+    seen = {}
+
+    def spy_train(model, x, y, recipe, **kwargs):
+        seen[kwargs["label"]] = (recipe.whiten_bias_lr_scale, kwargs["bf16"], len(y))
+        return {"seconds": 1.0, "images_per_second": 1.0, "steps": 1, "epochs": 1}
+
+    monkeypatch.setattr(study, "train", spy_train)
+    for name in ("given", "given-35k", "given-fp32"):
+        study.run_condition(name, str(tmp_path / "data"), torch.device("cpu"), seed=0)
+    assert seen == {"given": (64.0, True, 600), "given-35k": (64.0, True, 400), "given-fp32": (1.0, False, 600)}
+
+
+def test_data_cost_study_refuses_rows_made_with_other_settings(tmp_path, monkeypatch):
+    study = tiny_data_cost_study(monkeypatch)
+    fake_cifar_folder(tmp_path / "data")
+    out = tmp_path / "study.jsonl"
+    common = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--no-compute", "--conditions", "given"]
+    study.main(common)
+    with pytest.raises(SystemExit):  # another seed: the saved row is not this run's
+        study.main([*common, "--seed", "1"])
+    monkeypatch.setattr(study, "WIDTHS", (8, 16, 32))
+    with pytest.raises(ValueError, match="other settings"):
+        study.saved_rows(out, seed=0)
+    monkeypatch.setattr(study, "WIDTHS", (8, 16, 16))
+    assert list(study.saved_rows(out, seed=0)) == ["given"]
+    out.write_text(out.read_text() + json.dumps({"condition": "q99"}) + "\n")
+    with pytest.raises(ValueError, match="unknown condition"):
+        study.saved_rows(out, seed=0)
 
 
 def test_training_flops_match_airbench_published_counts():

@@ -166,11 +166,43 @@ def compute_lines(folder: Path, budget_seconds: float = 90 * 60) -> list[str]:
     return lines
 
 
+def settings(name: str, seed: int) -> dict:
+    """What a condition's row must have been made with to be reused: the condition, seed, widths and recipe."""
+    condition = CONDITIONS[name]
+    recipe = dataclasses.replace(RECIPE, whiten_bias_lr_scale=condition.whiten_bias_lr_scale)
+    return {
+        "condition": name,
+        **dataclasses.asdict(condition),
+        "seed": seed,
+        "widths": list(WIDTHS),
+        "recipe": dataclasses.asdict(recipe),
+    }
+
+
+def saved_rows(path: Path, seed: int) -> dict[str, dict]:
+    """The rows of an earlier run in ``path`` (JSON lines), by condition; refused (``ValueError``) where a row's
+    condition is unknown or it was made with other settings than this run's (``settings``)."""
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        row = json.loads(line)
+        name = row.get("condition")
+        if name not in CONDITIONS:
+            raise ValueError(f"{path}:{number}: unknown condition {name!r}; write this run to another --out")
+        differ = {k: (row.get(k), v) for k, v in settings(name, seed).items() if row.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"{path}:{number}: the row of {name!r} was made with other settings (theirs, ours): {differ}; "
+                "write this run to another --out"
+            )
+        rows[name] = row
+    return rows
+
+
 def run_condition(name: str, data_dir: str, device: torch.device, seed: int) -> dict:
     condition = CONDITIONS[name]
     quality, n_train = condition.jpeg_quality, condition.training_images
     (x, y), (x_val, y_val), (x_test, y_test) = cifar10_splits(data_dir)
-    row: dict = {"condition": name, **dataclasses.asdict(condition)}
+    row: dict = settings(name, seed)
     if quality is not None:
         started = time.perf_counter()
         given_test = x_test
@@ -186,8 +218,7 @@ def run_condition(name: str, data_dir: str, device: torch.device, seed: int) -> 
         x, y = x[keep], y[keep]
     torch.manual_seed(seed)
     model = make_model("vgg", WIDTHS)
-    recipe = dataclasses.replace(RECIPE, whiten_bias_lr_scale=condition.whiten_bias_lr_scale)
-    result = train(model, x, y, recipe, device=device, seed=seed, bf16=condition.bf16, label=name)
+    result = train(model, x, y, Recipe(**row["recipe"]), device=device, seed=seed, bf16=condition.bf16, label=name)
     row |= {k: result[k] for k in ("seconds", "images_per_second", "steps", "epochs")}
     bf16 = condition.bf16
     row["val"] = {k: round(v, 4) for k, v in view_accuracies(model, x_val, y_val, device, bf16=bf16).items()}
@@ -255,7 +286,11 @@ def summary(rows: dict[str, dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--out", required=True, help="JSON lines, one per condition; conditions already there are kept")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="JSON lines, one per condition; conditions already there (same seed and settings) are not run again",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compute", action="store_true", help="skip the compute table (counted FLOPs)")
@@ -263,18 +298,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    rows = {}
-    if out.exists():
-        rows = {
-            r["condition"]: r for r in map(json.loads, out.read_text().splitlines()) if r["condition"] in CONDITIONS
-        }
+    try:
+        rows = saved_rows(out, args.seed) if out.exists() else {}
+    except ValueError as error:
+        parser.error(str(error))
     command = shlex.join(["python", "benchmarks/reference_models/data_cost_study.py", *argv])
     device = torch.device(args.device)
     for name in args.conditions:
         if name in rows:
             continue
         row = run_condition(name, args.data_dir, device, args.seed)
-        row |= {"seed": args.seed, "device": str(device), "cpu": cpu_description(), "command": command}
+        row |= {"device": str(device), "cpu": cpu_description(), "command": command}
         rows[name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
