@@ -19,8 +19,9 @@ epochs, ``--translate 2 --cutout 0``, one seed) under conditions fixed here befo
 The JPEG cost is estimated by the least-squares slope of test accuracy against that distortion (the ``given`` point
 at 0 and the three re-encodings), times the 4.5–8 grey levels the given images already are off the original: an
 extrapolation that assumes the first encoding's damage costs what the same amount of later damage costs. The
-results land one JSON line per condition in ``--out`` (a condition already there is not trained again), then a
-table and the two estimates are printed. Nothing here chooses anything: no model is adopted from this study.
+results land one JSON line per condition in ``--out`` (a condition already there, made with the same seed and
+settings, is not trained again; one made otherwise is refused), then a table and the estimates are printed.
+Nothing here chooses anything: no model is adopted from this study.
 """
 
 from __future__ import annotations
@@ -220,14 +221,14 @@ def run_condition(name: str, data_dir: str, device: torch.device, seed: int) -> 
     model = make_model("vgg", WIDTHS)
     result = train(model, x, y, Recipe(**row["recipe"]), device=device, seed=seed, bf16=condition.bf16, label=name)
     row |= {k: result[k] for k in ("seconds", "images_per_second", "steps", "epochs")}
-    bf16 = condition.bf16
-    row["val"] = {k: round(v, 4) for k, v in view_accuracies(model, x_val, y_val, device, bf16=bf16).items()}
-    row["test"] = {k: round(v, 4) for k, v in view_accuracies(model, x_test, y_test, device, bf16=bf16).items()}
+    for split, (images, labels) in (("val", (x_val, y_val)), ("test", (x_test, y_test))):
+        views = view_accuracies(model, images, labels, device, bf16=condition.bf16)
+        row[split] = {k: round(v, 4) for k, v in views.items()}
     return row
 
 
 def summary(rows: dict[str, dict]) -> list[str]:
-    """Markdown: one row per condition, then the two estimates (needs every condition)."""
+    """Markdown: one row per condition, then the estimates (once the conditions of ``ESTIMATED_FROM`` have run)."""
     lines = [
         "| condition | JPEG re-encoding | training images | recipe | distortion (grey levels) | test, one view | "
         "test, flip | test, flip + translate | loop |",
@@ -242,8 +243,8 @@ def summary(rows: dict[str, dict]) -> list[str]:
         quality = f"quality {r['jpeg_quality']}" if r["jpeg_quality"] else "none (as given)"
         tests = " | ".join(f"{100 * r['test'][view]:.2f}%" for view in VIEWS)
         recipe = ", ".join(
-            ([] if r.get("bf16", True) else ["float32"])
-            + ([f"whitening bias {r['whiten_bias_lr_scale']:g}× lr"] if r.get("whiten_bias_lr_scale", 64) != 64 else [])
+            ([] if r["bf16"] else ["float32"])
+            + ([f"whitening bias {r['whiten_bias_lr_scale']:g}× lr"] if r["whiten_bias_lr_scale"] != 64 else [])
         )
         lines.append(
             f"| {name} | {quality} | {r['training_images']:,} | {recipe or 'as committed'} | {distortion} | {tests} | "
@@ -259,6 +260,7 @@ def summary(rows: dict[str, dict]) -> list[str]:
     size = size_cost(rows["given-35k"]["test"][view], 35_000, rows["given"]["test"][view], 45_000, 50_000)
     given = rows["given"]["test"][view]
     low, high = cost["cost_low"] + size, cost["cost_high"] + size
+    alone = {n: (rows[n]["test"][view] - given) / rows[n]["distortion_mean"] for n in jpeg_names[1:]}  # per grey level
     lines += [
         "",
         f"Flip + translate test accuracy: {100 * cost['slope_per_grey_level']:+.2f} points per grey level of JPEG "
@@ -270,12 +272,9 @@ def summary(rows: dict[str, dict]) -> list[str]:
         f"data corresponds to about {93 + 100 * low:.1f}–{93 + 100 * high:.1f}% on the original.",
         "Sensitivity (each re-encoding alone, the line through it and `given`): "
         + "; ".join(
-            f"{n} {100 * (rows[n]['test'][view] - given) / rows[n]['distortion_mean']:+.2f} points per grey level → "
-            + "–".join(
-                f"{-100 * (rows[n]['test'][view] - given) / rows[n]['distortion_mean'] * d:.1f}"
-                for d in GIVEN_DISTORTION
-            )
-            for n in jpeg_names[1:]
+            f"{n} {100 * slope:+.2f} points per grey level → "
+            + "–".join(f"{-100 * slope * d:.1f}" for d in GIVEN_DISTORTION)
+            for n, slope in alone.items()
         )
         + " points: the cost per grey level grows with the damage, so the estimate depends on where the given "
         "images' own damage sits on that curve.",
